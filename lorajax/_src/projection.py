@@ -1,0 +1,698 @@
+r"""``low_rank``: run any optax transform on low-rank projections of the gradients.
+
+For a kernel ``W: (n, m)`` (``d_in × d_out``) with gradient ``G``:
+
+- left (``U: (n, r)``): coordinates ``R = Uᵀ G`` ``(r, m)``, update ``ΔW = U N``;
+- right (``V: (m, r)``): coordinates ``R = G V`` ``(n, r)``, update ``ΔW = N Vᵀ``;
+- both (adapter-free LoRA): coordinates ``C_b = Uᵀ G`` (LoRA's ``g_b``) and
+  ``C_a = G V`` (LoRA's ``g_a``), and
+
+  .. math::
+
+     \Delta W = \lambda\, U N_b + (I - U U^\top)\, N_a V^\top  \quad\text{(LoRA-Pro)},
+     \qquad \Delta W = \lambda\, U N_b + N_a V^\top \quad\text{(sum)},
+
+where ``N = inner(R)`` and ``λ`` is the LoRA+ ratio. With an identity inner optimizer
+and ``λ = 1``, LoRA-Pro alignment gives ``P_U G + G P_V - P_U G P_V``: the orthogonal
+projection of ``G`` onto the tangent space ``{U Y + Z Vᵀ}`` of rank-r adapters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import operator
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lorajax._src import bases as bases_lib
+from lorajax._src import refresh as refresh_lib
+from lorajax._src import shard
+from lorajax._src.matrices import MatrixLayout
+from lorajax._src.randomized_svd import randomized_svd
+from lorajax._src.targets import Targets, select_targets
+
+__all__ = [
+    "ALIGNS",
+    "LowRankState",
+    "Projector",
+    "SIDES",
+    "TwoSidedCoords",
+    "current_bases",
+    "low_rank",
+]
+
+SIDES = ("auto", "left", "right", "both")
+ALIGNS = ("lora_pro", "sum")
+ON_SMALL_MATRIX = ("clamp", "skip", "error")
+SECOND_MOMENT_NAMES = ("nu", "nu_max", "sum_of_squares")
+
+
+class TwoSidedCoords(NamedTuple):
+    """The two coordinate blocks of a two-sided projection.
+
+    Attributes:
+        a: ``G V`` with shape ``(*batch, n, r)``: the direction of LoRA's ``g_a``.
+        b: ``Uᵀ G`` with shape ``(*batch, r, m)``: the direction of LoRA's ``g_b``.
+    """
+
+    a: jax.Array
+    b: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Projector:
+    """Per-matrix projection state: stored bases plus static layout.
+
+    Attributes:
+        u: Left basis ``(*batch, n, r)`` when it is stored, else ``None``.
+        v: Right basis ``(*batch, m, r)`` when it is stored, else ``None``.
+        layout: How the leaf is read as matrices.
+        side: ``"left"``, ``"right"`` or ``"both"``.
+        rank: The rank ``r`` used for this leaf (after clamping).
+        basis: The basis family.
+        index: The leaf's index, which salts its random draws.
+        dtype: dtype of the bases and coordinates.
+        oversample: Randomized-SVD oversampling (``"randomized_svd"`` only).
+        power_iters: Randomized-SVD power iterations (``"randomized_svd"`` only).
+    """
+
+    u: jax.Array | None
+    v: jax.Array | None
+    layout: MatrixLayout
+    side: str
+    rank: int
+    basis: str
+    index: int
+    dtype: Any
+    oversample: int = 0
+    power_iters: int = 0
+
+    @property
+    def uses_left(self) -> bool:
+        """Whether the projection has a left basis ``U``."""
+        return self.side in ("left", "both")
+
+    @property
+    def uses_right(self) -> bool:
+        """Whether the projection has a right basis ``V``."""
+        return self.side in ("right", "both")
+
+
+jax.tree_util.register_dataclass(
+    Projector,
+    data_fields=["u", "v"],
+    meta_fields=["layout", "side", "rank", "basis", "index", "dtype", "oversample", "power_iters"],
+)
+
+
+class LowRankState(NamedTuple):
+    """State of :func:`low_rank`.
+
+    Attributes:
+        count: Number of updates taken (int32).
+        key: Raw ``uint32[2]`` key of the current basis period. Random bases are
+            regenerated from it; it advances at every refresh.
+        projectors: A tree like the params with a :class:`Projector` at each projected
+            leaf and ``None`` elsewhere.
+        inner_state: The inner optimizer's state over the coordinates.
+    """
+
+    count: jax.Array
+    key: jax.Array
+    projectors: Any
+    inner_state: optax.OptState
+
+
+def _is_projector_leaf(x: Any) -> bool:
+    return x is None or isinstance(x, Projector)
+
+
+def _is_traced(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _static_int(value: Any, name: str, allow_zero: bool = False) -> int | None:
+    """An int from a Python or concrete integer; ``None`` for a traced value."""
+    what = "a non-negative int" if allow_zero else "a positive int"
+    if isinstance(value, bool):
+        raise TypeError(f"`{name}` must be {what}, got {value!r}.")
+    if _is_traced(value):
+        return None
+    if isinstance(value, float) or (
+        hasattr(value, "dtype") and not jnp.issubdtype(value.dtype, jnp.integer)
+    ):
+        raise TypeError(f"`{name}` must be {what}, got {value!r}.")
+    try:
+        out = operator.index(value)
+    except TypeError:
+        raise TypeError(f"`{name}` must be {what}, got {value!r}.") from None
+    if out < 0 or (out == 0 and not allow_zero):
+        raise ValueError(f"`{name}` must be {what}, got {out}.")
+    return out
+
+
+def _check_positive(value: Any, name: str) -> None:
+    if _is_traced(value) or callable(value):
+        return
+    try:
+        ok = float(value) > 0
+    except (TypeError, ValueError):
+        raise TypeError(f"`{name}` must be a positive number, got {value!r}.") from None
+    if not ok:
+        raise ValueError(f"`{name}` must be > 0, got {value!r}.")
+
+
+def _check_choice(value: Any, name: str, options: Sequence[str]) -> None:
+    if value not in options:
+        raise ValueError(
+            f"`{name}` must be one of {', '.join(repr(o) for o in options)}; got {value!r}."
+        )
+
+
+def _explicit_leaf_spec(leaf: Any) -> tuple | None:
+    return shard.explicit_spec(leaf)
+
+
+def _merge_axes(entries: Sequence[Any]) -> Any:
+    names: list[Any] = []
+    for e in entries:
+        if e is None:
+            continue
+        names.extend(e if isinstance(e, tuple) else (e,))
+    if not names:
+        return None
+    return names[0] if len(names) == 1 else tuple(names)
+
+
+def _matrix_spec(layout: MatrixLayout, leaf_spec: tuple | None) -> tuple | None:
+    """The explicit spec of the matrix view ``(*batch, n, m)`` of a leaf."""
+    if leaf_spec is None:
+        return None
+    return (
+        *(leaf_spec[a] for a in layout.batch_axes),
+        _merge_axes([leaf_spec[a] for a in layout.in_axes]),
+        _merge_axes([leaf_spec[a] for a in layout.out_axes]),
+    )
+
+
+def _leaf_key(key: jax.Array, p: Projector, salt: int) -> jax.Array:
+    """The key of one leaf's draw ``salt`` (0: U, 1: V, 2: sketch, 3: cold start)."""
+    k = jax.random.fold_in(jax.random.wrap_key_data(key), p.index)
+    return jax.random.fold_in(k, salt)
+
+
+def _random_pair(p: Projector, key: jax.Array, spec: tuple | None) -> tuple[Any, Any]:
+    """Regenerates a key-only basis pair; ``spec`` is the matrix view's explicit layout."""
+    b_spec = spec[:-2] if spec else ()
+    batch, n, m, r = p.layout.batch_shape, p.layout.n, p.layout.m, p.rank
+    ortho = p.basis == "random_orthogonal"
+    u = v = None
+    if p.uses_left:
+        u_spec = None if spec is None else (*b_spec, spec[-2], None)
+        u = bases_lib.random_basis(
+            _leaf_key(key, p, 0), (*batch, n, r), p.dtype, u_spec, orthonormal=ortho
+        )
+    if p.uses_right:
+        v_spec = None if spec is None else (*b_spec, spec[-1], None)
+        v = bases_lib.random_basis(
+            _leaf_key(key, p, 1), (*batch, m, r), p.dtype, v_spec, orthonormal=ortho
+        )
+    return u, v
+
+
+def low_rank(
+    inner: optax.GradientTransformation | None = None,
+    *,
+    rank: int,
+    side: str = "auto",
+    basis: str = "randomized_svd",
+    refresh_every: int = 200,
+    on_refresh: str = "rotate",
+    targets: Targets = None,
+    align: str = "lora_pro",
+    lora_plus_ratio: float = 1.0,
+    seed: int = 0,
+    scale: float = 1.0,
+    oversample: int = 8,
+    power_iters: int = 1,
+    on_small_matrix: str = "clamp",
+    state_dtype: str | Any | None = "float32",
+    second_moment_names: Sequence[str] = SECOND_MOMENT_NAMES,
+    precision: jax.lax.PrecisionLike = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Runs ``inner`` on rank-``r`` projections of the targeted matrix gradients.
+
+    Each targeted gradient ``G`` (read as ``(*batch, n, m)`` matrices through its
+    :class:`~lorajax.MatrixSpec`) is projected onto rank-``r`` bases, ``inner`` runs on
+    the small coordinates (so its state is small), and the result is mapped back:
+
+    .. math::
+
+       \text{left: } \Delta W = U\,\mathrm{inner}(U^\top G), \qquad
+       \text{right: } \Delta W = \mathrm{inner}(G V)\,V^\top, \\
+       \text{both: } \Delta W = \lambda\,U N_b + (I - U U^\top) N_a V^\top,\quad
+       (N_a, N_b) = \mathrm{inner}(G V,\ U^\top G).
+
+    The returned update is multiplied by ``scale`` (GaLore's ``α``). Leaves that are not
+    targeted go through ``inner`` at full shape, in the same call, so an optimizer with
+    global statistics still sees one tree. Bases are refreshed at step counts
+    ``0, T, 2T, …`` (``T = refresh_every``) under ``jax.lax.cond``: no retracing.
+
+    Args:
+        inner: The optimizer to run on the coordinates; it must not need ``params``.
+            Default: ``optax.scale_by_adam()``.
+        rank: The rank ``r`` (a static positive int).
+        side: ``"left"`` (project ``d_in``), ``"right"`` (project ``d_out``),
+            ``"auto"`` (the side with the smaller state: left when ``m <= n``) or
+            ``"both"`` (adapter-free LoRA, with state of LoRA's size).
+        basis: ``"randomized_svd"`` (default; warm-started from the previous basis),
+            ``"svd"`` (exact, as GaLore; gathers sharded matrices), ``"random"``
+            (Gaussian ``N(0, 1/r)``, regenerated from a key: only the key is stored) or
+            ``"random_orthogonal"`` (orthonormalised Gaussian, also key-only).
+        refresh_every: Steps between basis refreshes.
+        on_refresh: ``"rotate"`` (map moments into the new basis), ``"keep"`` (leave
+            them, as GaLore) or ``"reset"`` (zero them). See :mod:`lorajax` docs.
+        targets: Which leaves to project (see :func:`~lorajax.resolve_targets`).
+        align: With ``side="both"``: ``"lora_pro"`` (tangent-space projection) or
+            ``"sum"`` (vanilla LoRA's equivalent gradient).
+        lora_plus_ratio: With ``side="both"``: the ``U N_b`` block (LoRA's ``b``)
+            steps ``λ`` times further (LoRA+).
+        seed: Seed of the random bases and sketches.
+        scale: Multiplies the projected updates (GaLore's ``α``).
+        oversample: Randomized SVD oversampling ``p``.
+        power_iters: Randomized SVD power iterations ``q``.
+        on_small_matrix: When ``rank > min(n, m)``: ``"clamp"`` the rank to
+            ``min(n, m)`` (as optax's GaLore), ``"skip"`` the leaf (full-shape
+            ``inner``) whenever ``rank >= min(n, m)``, or raise (``"error"``).
+        state_dtype: dtype of bases, coordinates and inner state (``"float32"`` by
+            default, also for bf16 params); ``None`` keeps the gradients' dtype.
+        second_moment_names: Inner-state fields treated as second moments by
+            ``on_refresh="rotate"``.
+        precision: Matmul precision of the projections.
+
+    Returns:
+        An ``optax.GradientTransformationExtraArgs``; ``update`` returns updates in the
+        gradients' dtype.
+
+    Raises:
+        ValueError / TypeError: at construction for bad arguments; at ``init`` for
+            targets that select nothing, ill-fitting specs, an oversized rank with
+            ``on_small_matrix="error"`` or an ``inner`` that needs ``params``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, optax, lorajax
+        >>> params = {"w": jnp.ones((64, 32)), "b": jnp.zeros(32)}
+        >>> tx = optax.chain(
+        ...     lorajax.low_rank(optax.scale_by_adam(), rank=4),
+        ...     optax.scale_by_learning_rate(1e-2),
+        ... )
+        >>> state = tx.init(params)
+        >>> grads = jax.tree.map(jnp.ones_like, params)
+        >>> updates, state = tx.update(grads, state, params)
+        >>> jax.tree.map(jnp.shape, updates)
+        {'b': (32,), 'w': (64, 32)}
+        >>> state[0].inner_state[0].mu["w"].shape  # Adam's moment on U^T G only
+        (4, 32)
+
+    References:
+        - Zhao et al., `GaLore <https://arxiv.org/abs/2403.03507>`_, 2024.
+        - Hao et al., `Flora <https://arxiv.org/abs/2402.03293>`_, 2024.
+        - Wang et al., `LoRA-Pro <https://arxiv.org/abs/2407.18242>`_, 2024.
+        - Hayou et al., `LoRA+ <https://arxiv.org/abs/2402.12354>`_, 2024.
+        - Halko, Martinsson and Tropp, `Finding structure with randomness
+          <https://arxiv.org/abs/0909.4061>`_, 2011.
+    """
+    if inner is None:
+        inner = optax.scale_by_adam()
+    if not (hasattr(inner, "init") and hasattr(inner, "update")):
+        raise TypeError(
+            f"`inner` must be an optax GradientTransformation (with init/update), got "
+            f"{inner!r}. For example: lorajax.low_rank(optax.scale_by_adam(), rank=8)."
+        )
+    static_rank = _static_int(rank, "rank")
+    _check_choice(side, "side", SIDES)
+    _check_choice(basis, "basis", bases_lib.BASES)
+    _check_choice(on_refresh, "on_refresh", refresh_lib.ON_REFRESH)
+    _check_choice(align, "align", ALIGNS)
+    _check_choice(on_small_matrix, "on_small_matrix", ON_SMALL_MATRIX)
+    _static_int(refresh_every, "refresh_every")
+    _check_positive(lora_plus_ratio, "lora_plus_ratio")
+    _check_positive(scale, "scale")
+    static_oversample = _static_int(oversample, "oversample", allow_zero=True)
+    static_power_iters = _static_int(power_iters, "power_iters", allow_zero=True)
+    if side != "both" and not _is_traced(lora_plus_ratio) and float(lora_plus_ratio) != 1.0:
+        raise ValueError(
+            f"`lora_plus_ratio`={lora_plus_ratio!r} only applies with side='both' (it scales "
+            "LoRA's b block); pass side='both' or leave the ratio at 1.0."
+        )
+    try:
+        fixed_dtype = None if state_dtype is None else jnp.dtype(state_dtype)
+    except TypeError:
+        raise TypeError(
+            f"`state_dtype` must be a dtype name such as 'float32', or None; got {state_dtype!r}."
+        ) from None
+    if fixed_dtype is not None and not jnp.issubdtype(fixed_dtype, jnp.floating):
+        raise ValueError(f"`state_dtype` must be a floating dtype, got {fixed_dtype}.")
+    inner = optax.with_extra_args_support(inner)
+    second_moments = frozenset(second_moment_names)
+
+    def dtype_of(x: Any) -> Any:
+        return x.dtype if fixed_dtype is None else fixed_dtype
+
+    def make_projector(index: int, layout: MatrixLayout, leaf: Any, path: str):
+        n, m = layout.n, layout.m
+        r = static_rank
+        for name, value in (
+            ("rank", r),
+            ("oversample", static_oversample),
+            ("power_iters", static_power_iters),
+        ):
+            if value is None:
+                raise TypeError(
+                    f"`{name}` must be a static Python int, but it is traced (is `init` "
+                    f"jitted under optax.inject_hyperparams?). Pass static_args=({name!r},) "
+                    "to optax.inject_hyperparams, or call init outside jit."
+                )
+        if r > min(n, m) and on_small_matrix == "error":
+            raise ValueError(
+                f"`rank`={r} exceeds min(d_in, d_out)={min(n, m)} for leaf {path!r} "
+                f"(matrix {n}x{m}). Lower the rank, exclude the leaf from `targets`, or pass "
+                "on_small_matrix='clamp' or 'skip'."
+            )
+        if r >= min(n, m) and on_small_matrix == "skip":
+            return None
+        r = min(r, n, m)
+        leaf_side = side if side != "auto" else ("left" if m <= n else "right")
+        kind = basis
+        if kind == "random" and leaf_side == "both" and align == "lora_pro":
+            kind = "random_orthogonal"  # I - U Uᵀ is a projector only for orthonormal U
+        spec = _matrix_spec(layout, _explicit_leaf_spec(leaf))
+        b_spec = spec[:-2] if spec else ()
+        batch = layout.batch_shape
+        dt = dtype_of(leaf)
+        stored = kind in bases_lib.STORED_BASES
+        u = v = None
+        if stored and leaf_side in ("left", "both"):
+            u = shard.zeros((*batch, n, r), dt, None if spec is None else (*b_spec, spec[-2], None))
+        if stored and leaf_side in ("right", "both"):
+            v = shard.zeros((*batch, m, r), dt, None if spec is None else (*b_spec, spec[-1], None))
+        sketch = kind == "randomized_svd"
+        return Projector(
+            u,
+            v,
+            layout,
+            leaf_side,
+            r,
+            kind,
+            index,
+            jnp.dtype(dt),
+            oversample=static_oversample if sketch else 0,
+            power_iters=static_power_iters if sketch else 0,
+        )
+
+    def coord_zeros(p: Projector, leaf: Any) -> Any:
+        spec = _matrix_spec(p.layout, _explicit_leaf_spec(leaf))
+        b_spec = spec[:-2] if spec else ()
+        batch, n, m, r = p.layout.batch_shape, p.layout.n, p.layout.m, p.rank
+        dt = dtype_of(leaf)
+        left = shard.zeros((*batch, r, m), dt, None if spec is None else (*b_spec, None, spec[-1]))
+        right = shard.zeros((*batch, n, r), dt, None if spec is None else (*b_spec, spec[-2], None))
+        if p.side == "left":
+            return left
+        if p.side == "right":
+            return right
+        return TwoSidedCoords(a=right, b=left)
+
+    def init_fn(params: optax.Params) -> LowRankState:
+        count = jnp.zeros([], jnp.int32)
+        key = jax.random.key_data(jax.random.key(seed))
+        leaves, treedef = jax.tree.flatten(params)
+        if not leaves:  # e.g. the placeholder of optax.tree_map_params
+            return LowRankState(count, key, params, inner.init(params))
+        specs, paths = select_targets(params, targets)
+        projectors: list[Projector | None] = []
+        coords = []
+        for i, (spec, path, leaf) in enumerate(zip(specs, paths, leaves)):
+            p = None
+            if spec is not None:
+                p = make_projector(i, spec.resolve(leaf.shape, path), leaf, path)
+            projectors.append(p)
+            if p is None:
+                coords.append(shard.zeros(leaf.shape, dtype_of(leaf), _explicit_leaf_spec(leaf)))
+            else:
+                coords.append(coord_zeros(p, leaf))
+        coord_tree = treedef.unflatten(coords)
+        inner_state = inner.init(coord_tree)
+        try:
+            jax.eval_shape(lambda c, s: inner.update(c, s, None), coord_tree, inner_state)
+        except Exception as e:
+            raise ValueError(
+                "`inner` failed when called without params on the projected coordinates. "
+                "lorajax runs `inner` on low-rank coordinates, so it cannot see params: "
+                "transforms such as optax.adamw or optax.add_decayed_weights do not fit "
+                "there. Use a gradient-only transform (optax.scale_by_adam()) and put weight "
+                "decay after low_rank in the chain (the aliases' `weight_decay` does this). "
+                f"The inner error was {type(e).__name__}: {e}"
+            ) from e
+        return LowRankState(count, key, treedef.unflatten(projectors), inner_state)
+
+    def fresh_stored(p: Projector, g: jax.Array, key: jax.Array, count: jax.Array) -> Projector:
+        """New stored bases from the gradient matrix ``g`` (run at refresh steps)."""
+        if p.basis == "svd":
+            u, v = bases_lib.exact_svd(g, p.rank)
+        else:
+            sketch_key = _leaf_key(key, p, 2)
+            # Warm start from the previous basis; at the first refresh it is still zero,
+            # so start from Gaussian columns instead.
+            if p.side == "right":
+                prev, mat = p.v, jnp.swapaxes(g, -1, -2)
+            else:
+                prev, mat = p.u, g
+            fallback = shard.normal(
+                _leaf_key(key, p, 3), prev.shape, prev.dtype, shard.explicit_spec(prev)
+            )
+            start = jnp.where(count > 0, prev, fallback)
+            left, _, right = randomized_svd(
+                mat,
+                p.rank,
+                key=sketch_key,
+                oversample=p.oversample,
+                power_iters=p.power_iters,
+                warm_start=start,
+                precision=precision,
+            )
+            u, v = (right, left) if p.side == "right" else (left, right)
+        new_u = shard.like(u.astype(p.u.dtype), p.u) if p.u is not None else None
+        new_v = shard.like(v.astype(p.v.dtype), p.v) if p.v is not None else None
+        return dataclasses.replace(p, u=new_u, v=new_v)
+
+    def pair(p: Projector, key: jax.Array, g: jax.Array):
+        if p.basis in bases_lib.STORED_BASES:
+            return p.u, p.v
+        return _random_pair(p, key, shard.explicit_spec(g))
+
+    def project(p: Projector, u: Any, v: Any, g: jax.Array) -> Any:
+        left = right = None
+        if p.uses_left:
+            left = shard.einsum("...nr,...nm->...rm", u, g, precision=precision)
+        if p.uses_right:
+            right = shard.einsum("...nm,...mr->...nr", g, v, precision=precision)
+        if p.side == "both":
+            return TwoSidedCoords(a=right, b=left)
+        return left if p.side == "left" else right
+
+    def project_back(p: Projector, u: Any, v: Any, c: Any) -> jax.Array:
+        if p.side == "left":
+            return shard.einsum("...nr,...rm->...nm", u, c, precision=precision)
+        if p.side == "right":
+            return shard.einsum("...nr,...mr->...nm", c, v, precision=precision)
+        a = c.a
+        if align == "lora_pro":
+            inside = shard.einsum("...nr,...ns->...rs", u, a, precision=precision)
+            a = a - shard.einsum("...nr,...rs->...ns", u, inside, precision=precision)
+        out = shard.einsum("...nr,...mr->...nm", a, v, precision=precision)
+        b_block = shard.einsum("...nr,...rm->...nm", u, c.b, precision=precision)
+        return out + b_block * jnp.asarray(lora_plus_ratio, out.dtype)
+
+    def remap_state(
+        inner_state: Any,
+        treedef: Any,
+        projectors: list[Any],
+        old: list[Any],
+        new: list[Any],
+    ) -> Any:
+        """Applies the on_refresh policy to every coordinate-shaped tree of the state."""
+        maps = []
+        for p, o, nw in zip(projectors, old, new):
+            if p is None:
+                maps.append(None)
+                continue
+            q_left = refresh_lib.dot_t(nw[0], o[0]) if p.uses_left else None
+            q_right = refresh_lib.dot_t(o[1], nw[1]) if p.uses_right else None
+            maps.append((q_left, q_right))
+
+        def remap_leaf(p: Projector, qs: Any, c: Any, quadratic: bool) -> Any:
+            if on_refresh == "reset":
+                return jax.tree.map(refresh_lib.zeros_like, c)
+
+            def lm(x):
+                return refresh_lib.left_map(qs[0].astype(x.dtype), x, quadratic)
+
+            def rm(x):
+                return refresh_lib.right_map(qs[1].astype(x.dtype), x, quadratic)
+
+            if p.side == "left":
+                return lm(c)
+            if p.side == "right":
+                return rm(c)
+            return TwoSidedCoords(a=rm(c.a), b=lm(c.b))
+
+        def remap_tree(name: str | None, tree: Any) -> Any:
+            quadratic = name in second_moments
+            entries = treedef.flatten_up_to(tree)
+            out = [
+                c if p is None else remap_leaf(p, qs, c, quadratic)
+                for p, qs, c in zip(projectors, maps, entries)
+            ]
+            return treedef.unflatten(out)
+
+        return refresh_lib.map_coordinate_trees(inner, inner_state, remap_tree)
+
+    def update_fn(
+        updates: optax.Updates,
+        state: LowRankState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, LowRankState]:
+        del params
+        g_leaves, treedef = jax.tree.flatten(updates)
+        if not g_leaves:
+            new_updates, inner_state = inner.update(updates, state.inner_state, None, **extra_args)
+            count = optax.safe_int32_increment(state.count)
+            return new_updates, state._replace(count=count, inner_state=inner_state)
+        old_projectors = treedef.flatten_up_to(state.projectors)
+        count = state.count
+        refresh = (count % refresh_every) == 0
+        next_key = jax.random.key_data(
+            jax.random.fold_in(jax.random.wrap_key_data(state.key), count)
+        )
+        key = jnp.where(refresh, next_key, state.key)
+        mats = [
+            None if p is None else p.layout.to_matrix(g).astype(dtype_of(g))
+            for g, p in zip(g_leaves, old_projectors)
+        ]
+
+        projectors = old_projectors
+        if any(p is not None and p.basis in bases_lib.STORED_BASES for p in projectors):
+
+            def do_refresh() -> list[Any]:
+                return [
+                    p
+                    if p is None or p.basis not in bases_lib.STORED_BASES
+                    else fresh_stored(p, g, key, count)
+                    for p, g in zip(old_projectors, mats)
+                ]
+
+            projectors = jax.lax.cond(refresh, do_refresh, lambda: old_projectors)
+
+        pairs = [None if p is None else pair(p, key, g) for p, g in zip(projectors, mats)]
+
+        inner_state = state.inner_state
+        if on_refresh != "keep" and any(p is not None for p in projectors):
+
+            def do_remap(s: Any) -> Any:
+                old_pairs = [
+                    None if p is None else pair(p, state.key, g)
+                    for p, g in zip(old_projectors, mats)
+                ]
+                return remap_state(s, treedef, projectors, old_pairs, pairs)
+
+            inner_state = jax.lax.cond(refresh & (count > 0), do_remap, lambda s: s, inner_state)
+
+        coords = [
+            g.astype(dtype_of(g)) if p is None else project(p, *uv, mat)
+            for g, p, uv, mat in zip(g_leaves, projectors, pairs, mats)
+        ]
+        steps, inner_state = inner.update(
+            treedef.unflatten(coords), inner_state, None, **extra_args
+        )
+        step_leaves = treedef.flatten_up_to(steps)
+        out = []
+        for g, p, uv, c in zip(g_leaves, projectors, pairs, step_leaves):
+            if p is None:
+                out.append(c.astype(g.dtype))
+                continue
+            full = p.layout.from_matrix(project_back(p, *uv, c))
+            out.append((full * jnp.asarray(scale, full.dtype)).astype(g.dtype))
+        new_state = LowRankState(
+            count=optax.safe_int32_increment(count),
+            key=key,
+            projectors=treedef.unflatten(projectors),
+            inner_state=inner_state,
+        )
+        return treedef.unflatten(out), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def alias_options(alias: str, defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """Merges an alias's defaults with the extra keyword arguments meant for low_rank.
+
+    ``optax.inject_hyperparams`` hands a factory's ``**kwargs`` over as one argument
+    named ``kwargs``; it is unpacked here. Unknown names raise a ``TypeError``.
+    """
+    options = dict(options)
+    nested = options.pop("kwargs", None)
+    if isinstance(nested, dict):
+        options = nested | options
+    valid = set(inspect.signature(low_rank).parameters) - {"inner"}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise TypeError(
+            f"lorajax.{alias}() got unknown keyword argument(s) {unknown}. Extra keywords go "
+            f"to lorajax.low_rank, which accepts: {', '.join(sorted(valid))}."
+        )
+    return defaults | options
+
+
+def current_bases(state: LowRankState) -> Any:
+    """The bases used by the latest update, as a tree like the params.
+
+    Stored bases are read from the state; random ones are regenerated from its key.
+    Before the first update, stored bases are zero and random ones are those of a key
+    that the first update will advance.
+
+    Args:
+        state: A :class:`LowRankState` (e.g. ``opt_state[0]`` of a chain).
+
+    Returns:
+        A tree with ``(U, V)`` at each projected leaf (``None`` for an unused side) and
+        ``None`` elsewhere. ``U: (*batch, n, r)``, ``V: (*batch, m, r)``.
+
+    Examples:
+        >>> import jax.numpy as jnp, optax, lorajax
+        >>> tx = lorajax.low_rank(optax.sgd(1.0), rank=2, basis="random")
+        >>> state = tx.init({"w": jnp.ones((8, 6))})
+        >>> u, v = lorajax.current_bases(state)["w"]
+        >>> u.shape, v
+        ((8, 2), None)
+    """
+    if not isinstance(state, LowRankState):
+        raise TypeError(
+            f"`state` must be a LowRankState, got {type(state).__name__}. In a chain, pass "
+            "the element that belongs to low_rank (e.g. opt_state[0])."
+        )
+
+    def one(p: Projector | None) -> Any:
+        if p is None:
+            return None
+        if p.basis in bases_lib.STORED_BASES:
+            return (p.u, p.v)
+        return _random_pair(p, state.key, None)
+
+    return jax.tree.map(one, state.projectors, is_leaf=_is_projector_leaf)

@@ -1,0 +1,323 @@
+"""The shared contract every lorajax transform must honour.
+
+A transform joins the suite by adding a :class:`Case` to :data:`CASES` (or by calling
+the ``check_*`` functions from its own test module with its own case). Each check is an
+oracle: it compares against an independent computation, not against itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lorajax
+from tests.util import assert_trees_close, grad_stream, mixed_params
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A transform under test.
+
+    Attributes:
+        name: Test id.
+        factory: A function returning the transform (an alias or ``low_rank``).
+        kwargs: Arguments for ``factory``.
+        schedule_arg: A float argument of ``factory`` that multiplies the updates of
+            ``scaled`` leaves linearly; the inject_hyperparams check schedules it.
+        scaled: Which leaves ``schedule_arg`` scales: ``"all"`` or ``"targeted"``.
+        refresh_every: Steps between basis refreshes (the checks cross several).
+        gathers_weights: Whether the transform gathers whole sharded matrices by design
+            (exact SVD); otherwise the HLO check forbids W-sized all-gathers.
+        params: Builds the parameter tree.
+    """
+
+    name: str
+    factory: Callable[..., optax.GradientTransformation]
+    kwargs: dict[str, Any]
+    schedule_arg: str = "learning_rate"
+    scaled: str = "all"
+    refresh_every: int = 3
+    gathers_weights: bool = False
+    params: Callable[..., Any] = mixed_params
+
+    def make(self, **overrides: Any) -> optax.GradientTransformation:
+        return self.factory(**(self.kwargs | overrides))
+
+
+CASES = [
+    Case(
+        "galore",
+        lorajax.galore,
+        {"learning_rate": 1e-2, "rank": 4, "update_proj_gap": 3},
+        gathers_weights=True,
+    ),
+    Case("flora", lorajax.flora, {"learning_rate": 1e-2, "rank": 4, "refresh_every": 3}),
+    Case("lora", lorajax.lora, {"learning_rate": 1e-2, "rank": 4, "refresh_every": 3}),
+    Case(
+        "low_rank_default",
+        lorajax.low_rank,
+        {"inner": optax.scale_by_adam(), "rank": 4, "refresh_every": 3},
+        schedule_arg="scale",
+        scaled="targeted",
+    ),
+    Case(
+        "low_rank_both_sum_reset",
+        lorajax.low_rank,
+        {
+            "inner": optax.scale_by_adam(),
+            "rank": 4,
+            "side": "both",
+            "align": "sum",
+            "lora_plus_ratio": 4.0,
+            "on_refresh": "reset",
+            "refresh_every": 3,
+        },
+        schedule_arg="scale",
+        scaled="targeted",
+    ),
+]
+
+STEPS = 7  # crosses refreshes at steps 0, 3 and 6
+
+
+def _targeted(case: Case, params: Any) -> Any:
+    """True at the leaves the transform projects (every >= 2-D leaf here)."""
+    if case.factory is lorajax.galore:
+        return jax.tree.map(lambda x: x.ndim == 2, params)
+    return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def _run(tx, params, grads, jit=True):
+    state = tx.init(params)
+    step = jax.jit(tx.update) if jit else tx.update
+    out = []
+    for g in grads:
+        u, state = step(g, state, params)
+        out.append(u)
+    return out, state
+
+
+def check_jit(case: Case) -> None:
+    params = case.params()
+    grads = grad_stream(params, STEPS)
+    eager, s1 = _run(case.make(), params, grads, jit=False)
+    jitted, s2 = _run(case.make(), params, grads, jit=True)
+    assert_trees_close(eager, jitted, atol=1e-5, rtol=1e-5)
+    assert_trees_close(s1, s2, atol=1e-5, rtol=1e-5)
+
+
+def check_inject_hyperparams(case: Case) -> None:
+    """A scheduled factor equals the unscheduled run scaled by the schedule's value."""
+    params = case.params()
+    grads = grad_stream(params, STEPS)
+    schedule = optax.linear_schedule(1.0, 0.25, STEPS)
+    tx = optax.inject_hyperparams(case.factory)(**(case.kwargs | {case.schedule_arg: schedule}))
+    scheduled, _ = _run(tx, params, grads)
+    plain, _ = _run(case.make(**{case.schedule_arg: 1.0}), params, grads)
+    targeted = _targeted(case, params)
+    for t, (u_s, u_p) in enumerate(zip(scheduled, plain)):
+        factor = float(schedule(t))
+        expect = jax.tree.map(
+            lambda u, hit: u * factor if (case.scaled == "all" or hit) else u, u_p, targeted
+        )
+        assert_trees_close(u_s, expect, atol=1e-6, rtol=1e-5)
+    # Under a jitted init, every int argument must be static (they size the state).
+    bound = inspect.signature(case.factory).bind_partial(**case.kwargs)
+    bound.apply_defaults()
+    static = [
+        k for k, v in bound.arguments.items() if isinstance(v, int) and not isinstance(v, bool)
+    ]
+    tx = optax.inject_hyperparams(case.factory, static_args=static)(
+        **(case.kwargs | {case.schedule_arg: schedule})
+    )
+    state = jax.jit(tx.init)(params)
+    u, _ = jax.jit(tx.update)(grads[0], state, params)
+    assert_trees_close(u, scheduled[0], atol=1e-6, rtol=1e-5)
+
+
+def check_multisteps(case: Case) -> None:
+    """MultiSteps over k micro-batches equals one step on their mean."""
+    k = 2
+    params = case.params()
+    micro = grad_stream(params, 2 * STEPS)
+    accumulated = optax.MultiSteps(case.make(), every_k_schedule=k)
+    got, _ = _run(accumulated, params, micro)
+    # MultiSteps averages with Welford's update, acc + (g - acc) / n; so does the oracle.
+    means = [
+        jax.tree.map(lambda a, b: a + (b - a) / 2, micro[2 * i], micro[2 * i + 1])
+        for i in range(STEPS)
+    ]
+    want, _ = _run(case.make(), params, means)
+    for i in range(STEPS):
+        assert_trees_close(got[2 * i], jax.tree.map(jnp.zeros_like, want[i]), atol=0, rtol=0)
+        assert_trees_close(got[2 * i + 1], want[i], atol=1e-6, rtol=1e-6)
+
+
+def check_apply_if_finite(case: Case) -> None:
+    """A NaN step leaves params and state untouched; the run then goes on as without it."""
+    params = case.params()
+    grads = grad_stream(params, STEPS)
+    bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads[2])
+    tx = optax.apply_if_finite(case.make(), max_consecutive_errors=5)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    got = []
+    for t, g in enumerate(grads):
+        if t == 4:
+            before = state.inner_state
+            u, state = step(bad, state, params)
+            assert not bool(state.last_finite)
+            assert_trees_close(u, jax.tree.map(jnp.zeros_like, u), atol=0, rtol=0)
+            assert_trees_close(state.inner_state, before, atol=0, rtol=0)
+        u, state = step(g, state, params)
+        got.append(u)
+    want, _ = _run(case.make(), params, grads)
+    assert_trees_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def check_chain_and_partition(case: Case) -> None:
+    """Inside optax.partition, the transform's leaves match running it on them alone."""
+    params = case.params()
+    grads = grad_stream(params, STEPS)
+    mine = {"tall", "stacked", "bias"}
+    labels = {k: ("lorajax" if k in mine else "sgd") for k in params}
+    tx = optax.partition({"lorajax": case.make(), "sgd": optax.sgd(0.1)}, labels)
+    got, _ = _run(optax.chain(optax.identity(), tx), params, grads)
+    sub = {k: params[k] for k in mine}
+    alone, _ = _run(case.make(), sub, [{k: g[k] for k in mine} for g in grads])
+    for u, a, g in zip(got, alone, grads):
+        assert_trees_close({k: u[k] for k in mine}, a, atol=1e-6, rtol=1e-6)
+        np.testing.assert_allclose(u["wide"], -0.1 * g["wide"], rtol=1e-6)
+
+
+def _floating_state_dtypes(state: Any) -> set[Any]:
+    return {x.dtype for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)}
+
+
+def check_bf16_params_f32_state(case: Case) -> None:
+    """bf16 params keep bf16 updates while every floating state leaf is f32."""
+    params32 = case.params()
+    params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params32)
+    grads16 = [jax.tree.map(lambda x: x.astype(jnp.bfloat16), g) for g in grad_stream(params32, 4)]
+    got, state = _run(case.make(), params16, grads16)
+    assert {x.dtype for x in jax.tree.leaves(got[-1])} == {jnp.dtype(jnp.bfloat16)}
+    assert _floating_state_dtypes(state) == {jnp.dtype(jnp.float32)}
+    # The f32 pipeline on the same (bf16-rounded) gradients agrees to bf16 precision.
+    grads32 = [jax.tree.map(lambda x: x.astype(jnp.float32), g) for g in grads16]
+    want, _ = _run(case.make(), params32, grads32)
+    for u16, u32 in zip(jax.tree.leaves(got[-1]), jax.tree.leaves(want[-1])):
+        u16 = np.asarray(u16, np.float32)
+        u32 = np.asarray(u32, np.float32)
+        assert np.linalg.norm(u16 - u32) <= 2e-2 * np.linalg.norm(u32) + 1e-6
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), tree)
+
+
+def check_init_from_shape_dtype_struct(case: Case) -> None:
+    params = case.params()
+    sds = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    real = case.make().init(params)
+    direct = case.make().init(sds)
+    traced = jax.eval_shape(case.make().init, sds)
+    assert jax.tree.structure(direct) == jax.tree.structure(real)
+    assert jax.tree.structure(traced) == jax.tree.structure(real)
+    assert _abstract(direct) == _abstract(real)
+    assert _abstract(traced) == _abstract(real)
+
+
+def check_stable_state(case: Case) -> None:
+    """Identical tree structure, shapes, dtypes and weak types after init and updates."""
+    params = case.params()
+    tx = case.make()
+    state = tx.init(params)
+    types0 = jax.tree.map(jax.typeof, state)
+    step = jax.jit(tx.update)
+    for g in grad_stream(params, 4):
+        _, state = step(g, state, params)
+        assert jax.tree.structure(state) == jax.tree.structure(types0)
+        assert jax.tree.map(jax.typeof, state) == types0
+
+
+def check_no_retrace(case: Case) -> None:
+    chex.clear_trace_counter()
+    params = case.params()
+    tx = case.make()
+    state = tx.init(params)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(g, s, p):
+        return tx.update(g, s, p)
+
+    for g in grad_stream(params, 3 * case.refresh_every + 1):
+        _, state = step(g, state, params)
+
+
+# --- 8 fake devices -------------------------------------------------------------------
+
+SHARD_SPECS = {
+    "tall": P("x", None),
+    "wide": P(None, "x"),
+    "bias": P("x"),
+    "stacked": P(None, "x", None),
+}
+_ALL_GATHER = re.compile(r"=\s*\w+\[([\d,]*)\][^\n]*?\ball-gather(?:-start)?\(")
+
+
+def full_matrix_gathers(hlo: str, smallest_matrix: int) -> list[str]:
+    """All-gathers in ``hlo`` whose result is at least as large as a weight matrix."""
+    big = []
+    for dims in _ALL_GATHER.findall(hlo):
+        size = int(np.prod([int(d) for d in dims.split(",")])) if dims else 1
+        if size >= smallest_matrix:
+            big.append(dims)
+    return big
+
+
+def check_sharded(case: Case, axis_type: AxisType) -> None:
+    """On 8 devices the results equal the unsharded run, the update keeps the params'
+    sharding, and (unless documented) no all-gather moves a whole weight matrix."""
+    params = case.params()
+    grads = grad_stream(params, STEPS)
+    want, want_state = _run(case.make(), params, grads)
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(axis_type,))
+    with jax.set_mesh(mesh):
+        place = lambda tree: jax.tree.map(  # noqa: E731
+            lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, SHARD_SPECS
+        )
+        sharded_params = place(params)
+        tx = case.make()
+        state = jax.jit(tx.init)(sharded_params)
+        out_shardings = (
+            jax.tree.map(lambda s: NamedSharding(mesh, s), SHARD_SPECS),
+            None,
+        )
+        step = jax.jit(tx.update, out_shardings=out_shardings)
+        got = []
+        for g in grads:
+            u, state = step(place(g), state, sharded_params)
+            got.append(u)
+        hlo = step.lower(place(grads[0]), state, sharded_params).compile().as_text()
+    assert_trees_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_trees_close(state, want_state, atol=1e-5, rtol=1e-5)
+    for name, spec in SHARD_SPECS.items():
+        assert got[-1][name].sharding.spec == spec, name
+    smallest = min(int(np.prod(x.shape[-2:])) for x in jax.tree.leaves(params) if x.ndim >= 2)
+    big = full_matrix_gathers(hlo, smallest)
+    if case.gathers_weights:
+        assert big, "exact SVD is documented to gather; the HLO check found no gather"
+    else:
+        assert not big, f"all-gathers of W-sized arrays: {big}"
