@@ -15,7 +15,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The test programs are tiny: LLVM's optimisation passes cost more than they save.
 os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

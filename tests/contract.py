@@ -129,7 +129,7 @@ def check_inject_hyperparams(case: Case) -> None:
     for t, (u_s, u_p) in enumerate(zip(scheduled, plain)):
         factor = float(schedule(t))
         expect = jax.tree.map(
-            lambda u, hit: u * factor if (case.scaled == "all" or hit) else u, u_p, targeted
+            lambda u, hit, f=factor: u * f if (case.scaled == "all" or hit) else u, u_p, targeted
         )
         assert_trees_close(u_s, expect, atol=1e-6, rtol=1e-5)
     # Under a jitted init, every int argument must be static (they size the state).
@@ -277,14 +277,22 @@ SHARD_SPECS = {
 _ALL_GATHER = re.compile(r"=\s*\w+\[([\d,]*)\][^\n]*?\ball-gather(?:-start)?\(")
 
 
-def full_matrix_gathers(hlo: str, smallest_matrix: int) -> list[str]:
-    """All-gathers in ``hlo`` whose result is at least as large as a weight matrix."""
-    big = []
+def full_matrix_gathers(hlo: str, params: Any) -> list[str]:
+    """All-gathers in ``hlo`` whose result has as many elements as a weight matrix.
+
+    A weight is a leaf with at least two axes; each matrix of a stacked leaf counts too.
+    Skinny blocks (bases, sketches, coordinates) never have that size here.
+    """
+    sizes = set()
+    for x in jax.tree.leaves(params):
+        if x.ndim >= 2:
+            sizes.update({int(np.prod(x.shape)), int(np.prod(x.shape[-2:]))})
+    found = []
     for dims in _ALL_GATHER.findall(hlo):
         size = int(np.prod([int(d) for d in dims.split(",")])) if dims else 1
-        if size >= smallest_matrix:
-            big.append(dims)
-    return big
+        if size in sizes:
+            found.append(dims)
+    return found
 
 
 def check_sharded(case: Case, axis_type: AxisType) -> None:
@@ -315,8 +323,7 @@ def check_sharded(case: Case, axis_type: AxisType) -> None:
     assert_trees_close(state, want_state, atol=1e-5, rtol=1e-5)
     for name, spec in SHARD_SPECS.items():
         assert got[-1][name].sharding.spec == spec, name
-    smallest = min(int(np.prod(x.shape[-2:])) for x in jax.tree.leaves(params) if x.ndim >= 2)
-    big = full_matrix_gathers(hlo, smallest)
+    big = full_matrix_gathers(hlo, params)
     if case.gathers_weights:
         assert big, "exact SVD is documented to gather; the HLO check found no gather"
     else:

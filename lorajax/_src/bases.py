@@ -12,39 +12,108 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float
 
 from lorajax._src import shard
 
-__all__ = ["BASES", "STORED_BASES", "exact_svd", "random_basis", "subspace_overlap"]
+__all__ = [
+    "BASES",
+    "STORED_BASES",
+    "exact_svd",
+    "grouped_normals",
+    "orthonormalize",
+    "per_matrix",
+    "subspace_overlap",
+]
 
 BASES = ("svd", "randomized_svd", "random", "random_orthogonal")
 STORED_BASES = ("svd", "randomized_svd")
+
+
+def per_matrix(fn: Callable[[jax.Array], Any], x: jax.Array) -> Any:
+    """Applies a LAPACK-backed factorisation to each matrix of ``x`` ``(*batch, r, c)``.
+
+    On CPU, jaxlib spreads a batched LAPACK call over the thread pool that also runs
+    the devices' programs; with several (e.g. simulated) CPU devices busy at once that
+    pool starves and the program hangs. Looping over the batch keeps every call
+    unbatched there. Other platforms get the batched call.
+    """
+    batch = x.shape[:-2]
+    if not batch:
+        return fn(x)
+
+    def one_at_a_time(x: jax.Array) -> Any:
+        out = jax.lax.map(fn, x.reshape(-1, *x.shape[-2:]))
+        return jax.tree.map(lambda o: o.reshape(*batch, *o.shape[1:]), out)
+
+    return jax.lax.platform_dependent(x, cpu=one_at_a_time, default=fn)
 
 
 def exact_svd(
     g: Float[Array, "*batch n m"], rank: int
 ) -> tuple[Float[Array, "*batch n rank"], Float[Array, "*batch m rank"]]:
     """Left and right top-``rank`` singular vectors from ``jnp.linalg.svd`` (GaLore)."""
-    u, _, vt = jnp.linalg.svd(shard.gather_matrix(g), full_matrices=False)
+    u, _, vt = per_matrix(lambda a: jnp.linalg.svd(a, full_matrices=False), shard.gather_matrix(g))
     return u[..., :rank], jnp.swapaxes(vt[..., :rank, :], -1, -2)
 
 
-def random_basis(
-    key: jax.Array,
-    shape: tuple[int, ...],
-    dtype: jnp.dtype,
-    spec: tuple | None,
-    *,
-    orthonormal: bool,
-) -> jax.Array:
-    """A ``(*batch, d, r)`` random basis: Gaussian ``N(0, 1/r)`` or orthonormal columns."""
-    x = shard.normal(key, shape, dtype, spec)
-    if orthonormal:
-        return shard.like(jnp.linalg.qr(shard.gather_matrix(x))[0], x)
-    return x * jnp.asarray(shape[-1] ** -0.5, dtype)
+def orthonormalize(x: jax.Array) -> jax.Array:
+    """Householder QR of a skinny ``(*batch, d, k)`` block, laid out like ``x``."""
+    q = per_matrix(lambda a: jnp.linalg.qr(a)[0], shard.gather_matrix(x))
+    return shard.like(q, x)
+
+
+Request = tuple[tuple[int, ...], Any, Any, str]  # (shape, dtype, explicit spec, kind)
+
+
+def grouped_normals(key: jax.Array, requests: Sequence[Request]) -> list[jax.Array]:
+    """Random blocks for many matrices from one draw.
+
+    All requests share a single flat standard-normal draw from ``key`` (so a tree of
+    hundreds of matrices compiles one RNG graph, not hundreds). Requests of equal shape,
+    dtype, layout and kind are then stacked and post-processed together:
+
+    - ``"gaussian"``: entries ``N(0, 1)``;
+    - ``"basis"``: a Gaussian basis with entries ``N(0, 1/r)`` (``r`` the last axis);
+    - ``"orthonormal"``: orthonormal columns, one batched QR per group.
+
+    Args:
+        key: Raw ``uint32[2]`` key data.
+        requests: ``(shape, dtype, explicit_spec, kind)`` per block.
+
+    Returns:
+        The blocks, in the order of ``requests``. They are a deterministic function of
+        ``key`` and of the whole list of requests.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for position, (shape, dtype, spec, kind) in enumerate(requests):
+        groups.setdefault((tuple(shape), jnp.dtype(dtype), spec, kind), []).append(position)
+    sizes = [len(members) * math.prod(group[0]) for group, members in groups.items()]
+    out: list[Any] = [None] * len(requests)
+    if not sizes:
+        return out
+    # A 1-D draw compiles far faster than a stacked N-D one on XLA:CPU.
+    flat = jax.random.normal(jax.random.wrap_key_data(key), (sum(sizes),), jnp.float32)
+    offset = 0
+    for ((shape, dtype, spec, kind), members), size in zip(groups.items(), sizes):
+        block = flat[offset : offset + size].reshape(len(members), *shape).astype(dtype)
+        offset += size
+        if spec is not None:
+            block = jax.sharding.reshard(block, P(None, *spec))
+        if kind == "orthonormal":
+            block = orthonormalize(block)
+        elif kind == "basis":
+            block = block * jnp.asarray(shape[-1] ** -0.5, dtype)
+        for j, position in enumerate(members):
+            out[position] = block[j]
+    return out
 
 
 def subspace_overlap(

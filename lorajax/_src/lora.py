@@ -79,7 +79,7 @@ def lora(
         >>> import jax.numpy as jnp, lorajax
         >>> params = {"mlp": {"up_proj": {"kernel": jnp.ones((64, 256))}}}
         >>> state = lorajax.lora(1e-3, rank=8).init(params)
-        >>> mu = state[0].inner_state[0].mu["mlp"]["up_proj"]["kernel"]
+        >>> mu = state[0].inner_state.mu["mlp"]["up_proj"]["kernel"]
         >>> mu.a.shape, mu.b.shape  # LoRA-sized Adam moments
         ((64, 8), (8, 256))
 

@@ -33,7 +33,7 @@ from lorajax._src import bases as bases_lib
 from lorajax._src import refresh as refresh_lib
 from lorajax._src import shard
 from lorajax._src.matrices import MatrixLayout
-from lorajax._src.randomized_svd import randomized_svd
+from lorajax._src.randomized_svd import sketched_svd
 from lorajax._src.targets import Targets, select_targets
 
 __all__ = [
@@ -200,29 +200,43 @@ def _matrix_spec(layout: MatrixLayout, leaf_spec: tuple | None) -> tuple | None:
     )
 
 
-def _leaf_key(key: jax.Array, p: Projector, salt: int) -> jax.Array:
-    """The key of one leaf's draw ``salt`` (0: U, 1: V, 2: sketch, 3: cold start)."""
-    k = jax.random.fold_in(jax.random.wrap_key_data(key), p.index)
-    return jax.random.fold_in(k, salt)
+_SALT_BASES, _SALT_SKETCH = 0, 1
 
 
-def _random_pair(p: Projector, key: jax.Array, spec: tuple | None) -> tuple[Any, Any]:
-    """Regenerates a key-only basis pair; ``spec`` is the matrix view's explicit layout."""
-    b_spec = spec[:-2] if spec else ()
-    batch, n, m, r = p.layout.batch_shape, p.layout.n, p.layout.m, p.rank
-    ortho = p.basis == "random_orthogonal"
-    u = v = None
-    if p.uses_left:
-        u_spec = None if spec is None else (*b_spec, spec[-2], None)
-        u = bases_lib.random_basis(
-            _leaf_key(key, p, 0), (*batch, n, r), p.dtype, u_spec, orthonormal=ortho
-        )
-    if p.uses_right:
-        v_spec = None if spec is None else (*b_spec, spec[-1], None)
-        v = bases_lib.random_basis(
-            _leaf_key(key, p, 1), (*batch, m, r), p.dtype, v_spec, orthonormal=ortho
-        )
-    return u, v
+def _basis_spec(spec: tuple | None, axis: int) -> tuple | None:
+    """Layout of a ``(*batch, d, r)`` basis on matrix axis ``axis`` (-2: d_in, -1: d_out)."""
+    return None if spec is None else (*spec[:-2], spec[axis], None)
+
+
+def _phase_key(key: jax.Array, salt: int) -> jax.Array:
+    return jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(key), salt))
+
+
+def _random_bases(
+    projectors: Sequence[Projector | None], key: jax.Array, specs: Sequence[tuple | None]
+) -> list[tuple[Any, Any] | None]:
+    """Regenerates the key-only bases of every projector that has them.
+
+    ``specs`` are the explicit layouts of the matrix views. All bases come from one draw
+    (see :func:`~lorajax._src.bases.grouped_normals`).
+    """
+    requests, slots = [], []
+    for j, (p, spec) in enumerate(zip(projectors, specs)):
+        if p is None or p.basis in bases_lib.STORED_BASES:
+            continue
+        kind = "orthonormal" if p.basis == "random_orthogonal" else "basis"
+        batch, r = p.layout.batch_shape, p.rank
+        if p.uses_left:
+            requests.append(((*batch, p.layout.n, r), p.dtype, _basis_spec(spec, -2), kind))
+            slots.append((j, 0))
+        if p.uses_right:
+            requests.append(((*batch, p.layout.m, r), p.dtype, _basis_spec(spec, -1), kind))
+            slots.append((j, 1))
+    out: list[Any] = [None if p is None else [None, None] for p in projectors]
+    draws = bases_lib.grouped_normals(_phase_key(key, _SALT_BASES), requests)
+    for (j, side), draw in zip(slots, draws):
+        out[j][side] = draw
+    return [None if o is None else tuple(o) for o in out]
 
 
 def low_rank(
@@ -238,8 +252,8 @@ def low_rank(
     lora_plus_ratio: float = 1.0,
     seed: int = 0,
     scale: float = 1.0,
-    oversample: int = 8,
-    power_iters: int = 1,
+    oversample: int = 16,
+    power_iters: int = 2,
     on_small_matrix: str = "clamp",
     state_dtype: str | Any | None = "float32",
     second_moment_names: Sequence[str] = SECOND_MOMENT_NAMES,
@@ -316,7 +330,7 @@ def low_rank(
         >>> updates, state = tx.update(grads, state, params)
         >>> jax.tree.map(jnp.shape, updates)
         {'b': (32,), 'w': (64, 32)}
-        >>> state[0].inner_state[0].mu["w"].shape  # Adam's moment on U^T G only
+        >>> state[0].inner_state.mu["w"].shape  # Adam's moment on U^T G only
         (4, 32)
 
     References:
@@ -461,40 +475,51 @@ def low_rank(
             ) from e
         return LowRankState(count, key, treedef.unflatten(projectors), inner_state)
 
-    def fresh_stored(p: Projector, g: jax.Array, key: jax.Array, count: jax.Array) -> Projector:
+    def fresh_stored(p: Projector, g: jax.Array, sketch: Any, count: jax.Array) -> Projector:
         """New stored bases from the gradient matrix ``g`` (run at refresh steps)."""
         if p.basis == "svd":
             u, v = bases_lib.exact_svd(g, p.rank)
         else:
-            sketch_key = _leaf_key(key, p, 2)
-            # Warm start from the previous basis; at the first refresh it is still zero,
-            # so start from Gaussian columns instead.
-            if p.side == "right":
-                prev, mat = p.v, jnp.swapaxes(g, -1, -2)
-            else:
-                prev, mat = p.u, g
-            fallback = shard.normal(
-                _leaf_key(key, p, 3), prev.shape, prev.dtype, shard.explicit_spec(prev)
-            )
-            start = jnp.where(count > 0, prev, fallback)
-            left, _, right = randomized_svd(
-                mat,
-                p.rank,
-                key=sketch_key,
-                oversample=p.oversample,
-                power_iters=p.power_iters,
-                warm_start=start,
-                precision=precision,
+            # Continue the subspace iteration from the previous basis; at the first
+            # refresh it is still zero, so start from the Gaussian columns instead.
+            prev, mat = (p.v, jnp.swapaxes(g, -1, -2)) if p.side == "right" else (p.u, g)
+            head = jnp.where(count > 0, prev, sketch[..., : p.rank])
+            start = jnp.concatenate([head, sketch[..., p.rank :]], axis=-1)
+            left, _, right = sketched_svd(
+                mat, p.rank, start, warm=True, power_iters=p.power_iters, precision=precision
             )
             u, v = (right, left) if p.side == "right" else (left, right)
         new_u = shard.like(u.astype(p.u.dtype), p.u) if p.u is not None else None
         new_v = shard.like(v.astype(p.v.dtype), p.v) if p.v is not None else None
         return dataclasses.replace(p, u=new_u, v=new_v)
 
-    def pair(p: Projector, key: jax.Array, g: jax.Array):
-        if p.basis in bases_lib.STORED_BASES:
-            return p.u, p.v
-        return _random_pair(p, key, shard.explicit_spec(g))
+    def sketches(projectors: Sequence[Any], mats: Sequence[Any], key: jax.Array) -> list[Any]:
+        """Gaussian starting blocks ``(*batch, d, k)`` for every randomized-SVD refresh."""
+        requests, slots = [], []
+        for j, (p, g) in enumerate(zip(projectors, mats)):
+            if p is None or p.basis != "randomized_svd":
+                continue
+            n, m = p.layout.n, p.layout.m
+            rows, axis = (m, -1) if p.side == "right" else (n, -2)
+            k = max(min(p.rank + p.oversample, n, m), p.rank)
+            shape = (*p.layout.batch_shape, rows, k)
+            spec = _basis_spec(shard.explicit_spec(g), axis)
+            requests.append((shape, p.dtype, spec, "gaussian"))
+            slots.append(j)
+        out: list[Any] = [None] * len(projectors)
+        draws = bases_lib.grouped_normals(_phase_key(key, _SALT_SKETCH), requests)
+        for j, draw in zip(slots, draws):
+            out[j] = draw
+        return out
+
+    def bases_in_use(projectors: Sequence[Any], key: jax.Array, mats: Sequence[Any]) -> list:
+        """``(U, V)`` per projector: stored ones from state, random ones regenerated."""
+        specs = [None if g is None else shard.explicit_spec(g) for g in mats]
+        random = _random_bases(projectors, key, specs)
+        return [
+            None if p is None else ((p.u, p.v) if p.basis in bases_lib.STORED_BASES else rnd)
+            for p, rnd in zip(projectors, random)
+        ]
 
     def project(p: Projector, u: Any, v: Any, g: jax.Array) -> Any:
         left = right = None
@@ -591,25 +616,23 @@ def low_rank(
         if any(p is not None and p.basis in bases_lib.STORED_BASES for p in projectors):
 
             def do_refresh() -> list[Any]:
+                drawn = sketches(old_projectors, mats, key)
                 return [
                     p
                     if p is None or p.basis not in bases_lib.STORED_BASES
-                    else fresh_stored(p, g, key, count)
-                    for p, g in zip(old_projectors, mats)
+                    else fresh_stored(p, g, sk, count)
+                    for p, g, sk in zip(old_projectors, mats, drawn)
                 ]
 
             projectors = jax.lax.cond(refresh, do_refresh, lambda: old_projectors)
 
-        pairs = [None if p is None else pair(p, key, g) for p, g in zip(projectors, mats)]
+        pairs = bases_in_use(projectors, key, mats)
 
         inner_state = state.inner_state
         if on_refresh != "keep" and any(p is not None for p in projectors):
 
             def do_remap(s: Any) -> Any:
-                old_pairs = [
-                    None if p is None else pair(p, state.key, g)
-                    for p, g in zip(old_projectors, mats)
-                ]
+                old_pairs = bases_in_use(old_projectors, state.key, mats)
                 return remap_state(s, treedef, projectors, old_pairs, pairs)
 
             inner_state = jax.lax.cond(refresh & (count > 0), do_remap, lambda s: s, inner_state)
@@ -688,11 +711,11 @@ def current_bases(state: LowRankState) -> Any:
             "the element that belongs to low_rank (e.g. opt_state[0])."
         )
 
-    def one(p: Projector | None) -> Any:
-        if p is None:
-            return None
-        if p.basis in bases_lib.STORED_BASES:
-            return (p.u, p.v)
-        return _random_pair(p, state.key, None)
-
-    return jax.tree.map(one, state.projectors, is_leaf=_is_projector_leaf)
+    leaves, treedef = jax.tree.flatten(state.projectors, is_leaf=_is_projector_leaf)
+    random = _random_bases(leaves, state.key, [None] * len(leaves))
+    return treedef.unflatten(
+        [
+            None if p is None else ((p.u, p.v) if p.basis in bases_lib.STORED_BASES else rnd)
+            for p, rnd in zip(leaves, random)
+        ]
+    )

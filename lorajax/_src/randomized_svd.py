@@ -7,14 +7,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from lorajax._src import shard
+from lorajax._src.bases import orthonormalize as _orthonormalize
+from lorajax._src.bases import per_matrix
 
-__all__ = ["randomized_svd"]
-
-
-def _orthonormalize(y: jax.Array) -> jax.Array:
-    """Householder QR of a skinny ``(*batch, n, k)`` block; gathers only that block."""
-    q = jnp.linalg.qr(shard.gather_matrix(y))[0]
-    return shard.like(q, y)
+__all__ = ["randomized_svd", "sketched_svd"]
 
 
 def randomized_svd(
@@ -22,8 +18,8 @@ def randomized_svd(
     rank: int,
     *,
     key: jax.Array,
-    oversample: int = 8,
-    power_iters: int = 1,
+    oversample: int = 16,
+    power_iters: int = 2,
     warm_start: Float[Array, "*batch n r"] | None = None,
     precision: jax.lax.PrecisionLike = None,
 ) -> tuple[
@@ -63,7 +59,7 @@ def randomized_svd(
         >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
         >>> a = jnp.linalg.qr(jax.random.normal(k1, (64, 64)))[0]
         >>> b = jnp.linalg.qr(jax.random.normal(k2, (48, 48)))[0]
-        >>> g = (a[:, :48] * 0.5 ** jnp.arange(48)) @ b.T  # fast-decaying spectrum
+        >>> g = a[:, :48] @ jnp.diag(0.5 ** jnp.arange(48.0)) @ b.T  # fast-decaying spectrum
         >>> u, s, v = lorajax.randomized_svd(g, 4, key=k3)
         >>> u_exact = jnp.linalg.svd(g)[0][:, :4]
         >>> print(f"{float(lorajax.subspace_overlap(u_exact, u)):.4f}")
@@ -75,33 +71,57 @@ def randomized_svd(
         <https://arxiv.org/abs/0909.4061>`_, SIAM Review 2011.
     """
     n, m = g.shape[-2:]
-    batch = g.shape[:-2]
     k = max(min(rank + oversample, n, m), rank)
     spec = shard.explicit_spec(g)
-    b_spec = spec[:-2] if spec else None
-
-    def gaussian(k_, rows: int, cols: int, row_axis: object) -> jax.Array:
-        layout = None if spec is None else (*b_spec, row_axis, None)
-        return shard.normal(k_, (*batch, rows, cols), g.dtype, layout)
-
-    n_axis = spec[-2] if spec else None
-    m_axis = spec[-1] if spec else None
-    if warm_start is None:
-        y = shard.einsum("...nm,...mk->...nk", g, gaussian(key, m, k, m_axis), precision=precision)
-    else:
+    axis = None if spec is None else (spec[-2] if warm_start is not None else spec[-1])
+    rows = n if warm_start is not None else m
+    layout = None if spec is None else (*spec[:-2], axis, None)
+    sketch = shard.normal(key, (*g.shape[:-2], rows, k), g.dtype, layout)
+    if warm_start is not None:
         r0 = warm_start.shape[-1]
-        start = warm_start.astype(g.dtype)
-        if k > r0:
-            start = jnp.concatenate([start, gaussian(key, n, k - r0, n_axis)], axis=-1)
-        z = shard.einsum("...nm,...nk->...mk", g, start, precision=precision)
+        sketch = jnp.concatenate([warm_start.astype(g.dtype), sketch[..., r0:]], axis=-1)
+    return sketched_svd(
+        g, rank, sketch, warm=warm_start is not None, power_iters=power_iters, precision=precision
+    )
+
+
+def sketched_svd(
+    g: jax.Array,
+    rank: int,
+    sketch: jax.Array,
+    *,
+    warm: bool,
+    power_iters: int,
+    precision: jax.lax.PrecisionLike = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`randomized_svd` from a given starting block.
+
+    Args:
+        g: ``(*batch, n, m)``.
+        rank: Triplets to return.
+        sketch: ``(*batch, m, k)`` test matrix ``Ω`` (``warm=False``) or ``(*batch, n, k)``
+            starting block ``[U₀ | Ω']`` (``warm=True``).
+        warm: Which of the two ``sketch`` is.
+        power_iters: Power iterations.
+        precision: Matmul precision.
+
+    Returns:
+        ``(U, S, V)`` as :func:`randomized_svd`.
+    """
+    if warm:
+        z = shard.einsum("...nm,...nk->...mk", g, sketch, precision=precision)
         y = shard.einsum("...nm,...mk->...nk", g, z, precision=precision)
+    else:
+        y = shard.einsum("...nm,...mk->...nk", g, sketch, precision=precision)
     for _ in range(power_iters):
         q = _orthonormalize(y)
         z = _orthonormalize(shard.einsum("...nm,...nk->...mk", g, q, precision=precision))
         y = shard.einsum("...nm,...mk->...nk", g, z, precision=precision)
     q = _orthonormalize(y)
     small = shard.einsum("...nk,...nm->...km", q, g, precision=precision)
-    ub, s, vt = jnp.linalg.svd(shard.gather_matrix(small), full_matrices=False)
+    ub, s, vt = per_matrix(
+        lambda b: jnp.linalg.svd(b, full_matrices=False), shard.gather_matrix(small)
+    )
     u = shard.einsum("...nk,...kr->...nr", q, ub[..., :rank], precision=precision)
     v = jnp.swapaxes(vt[..., :rank, :], -1, -2)
     return u, s[..., :rank], v
