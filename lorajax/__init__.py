@@ -10,14 +10,9 @@ from lorajax._src.flora import flora
 from lorajax._src.galore import galore
 from lorajax._src.lora import lora
 from lorajax._src.matrices import MatrixLayout, MatrixSpec
-from lorajax._src.projection import (
-    LowRankState,
-    Projector,
-    TwoSidedCoords,
-    current_bases,
-    low_rank,
-)
+from lorajax._src.projection import low_rank
 from lorajax._src.randomized_svd import randomized_svd
+from lorajax._src.state import LowRankState, Projector, TwoSidedCoords, current_bases
 from lorajax._src.targets import PRESETS, resolve_targets
 
 __version__ = "0.1.0"

@@ -32,7 +32,7 @@ DELTA_RANK = 8
 
 def _mlp(params: dict[str, Any], x: jax.Array) -> jax.Array:
     for i in range(len(WIDTHS) - 1):
-        x = x @ params[f"layer{i}"]["kernel"] + params[f"layer{i}"]["bias"]
+        x = x @ params[f"layer{i}"]["kernel"] + params[f"layer{i}"]["bias"][None, :]
         if i < len(WIDTHS) - 2:
             x = jnp.tanh(x)
     return x

@@ -11,8 +11,9 @@ from tests.util import assert_trees_close, grad_stream
 
 
 def _params():
-    ks = jax.random.split(jax.random.key(3), 4)
+    ks = jax.random.split(jax.random.key(3), 5)
     return {
+        "square": jax.random.normal(ks[4], (24, 24)),  # a tie: optax projects the left side
         "tall": jax.random.normal(ks[0], (40, 24)),  # d_in >= d_out: left projection
         "wide": jax.random.normal(ks[1], (16, 36)),  # d_in < d_out: right projection
         "bias": jax.random.normal(ks[2], (36,)),  # 1-D: full-shape Adam
@@ -21,6 +22,7 @@ def _params():
 
 
 DIMS = {
+    "square": DimNums(),
     "tall": DimNums(),
     "wide": DimNums(),
     "bias": None,
@@ -56,7 +58,7 @@ def test_matches_optax_over_refreshes_on_a_mixed_tree():
 
 
 def test_matches_optax_with_weight_decay_mask_scale_and_base_optimizer():
-    mask = {"tall": True, "wide": False, "bias": False, "heads": True}
+    mask = {"square": True, "tall": True, "wide": False, "bias": False, "heads": True}
     kwargs = dict(
         learning_rate=optax.linear_schedule(1e-2, 1e-3, 20),
         rank=3,

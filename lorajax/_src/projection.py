@@ -21,222 +21,28 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import operator
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from lorajax._src import bases as bases_lib
+from lorajax._src import checks, shard
 from lorajax._src import refresh as refresh_lib
-from lorajax._src import shard
+from lorajax._src import state as state_lib
 from lorajax._src.matrices import MatrixLayout
 from lorajax._src.randomized_svd import sketched_svd
+from lorajax._src.state import LowRankState, Projector, TwoSidedCoords
 from lorajax._src.targets import Targets, select_targets
 
-__all__ = [
-    "ALIGNS",
-    "LowRankState",
-    "Projector",
-    "SIDES",
-    "TwoSidedCoords",
-    "current_bases",
-    "low_rank",
-]
+__all__ = ["ALIGNS", "SIDES", "alias_options", "low_rank"]
 
 SIDES = ("auto", "left", "right", "both")
 ALIGNS = ("lora_pro", "sum")
 ON_SMALL_MATRIX = ("clamp", "skip", "error")
 SECOND_MOMENT_NAMES = ("nu", "nu_max", "sum_of_squares")
-
-
-class TwoSidedCoords(NamedTuple):
-    """The two coordinate blocks of a two-sided projection.
-
-    Attributes:
-        a: ``G V`` with shape ``(*batch, n, r)``: the direction of LoRA's ``g_a``.
-        b: ``Uᵀ G`` with shape ``(*batch, r, m)``: the direction of LoRA's ``g_b``.
-    """
-
-    a: jax.Array
-    b: jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class Projector:
-    """Per-matrix projection state: stored bases plus static layout.
-
-    Attributes:
-        u: Left basis ``(*batch, n, r)`` when it is stored, else ``None``.
-        v: Right basis ``(*batch, m, r)`` when it is stored, else ``None``.
-        layout: How the leaf is read as matrices.
-        side: ``"left"``, ``"right"`` or ``"both"``.
-        rank: The rank ``r`` used for this leaf (after clamping).
-        basis: The basis family.
-        index: The leaf's index, which salts its random draws.
-        dtype: dtype of the bases and coordinates.
-        oversample: Randomized-SVD oversampling (``"randomized_svd"`` only).
-        power_iters: Randomized-SVD power iterations (``"randomized_svd"`` only).
-    """
-
-    u: jax.Array | None
-    v: jax.Array | None
-    layout: MatrixLayout
-    side: str
-    rank: int
-    basis: str
-    index: int
-    dtype: Any
-    oversample: int = 0
-    power_iters: int = 0
-
-    @property
-    def uses_left(self) -> bool:
-        """Whether the projection has a left basis ``U``."""
-        return self.side in ("left", "both")
-
-    @property
-    def uses_right(self) -> bool:
-        """Whether the projection has a right basis ``V``."""
-        return self.side in ("right", "both")
-
-
-jax.tree_util.register_dataclass(
-    Projector,
-    data_fields=["u", "v"],
-    meta_fields=["layout", "side", "rank", "basis", "index", "dtype", "oversample", "power_iters"],
-)
-
-
-class LowRankState(NamedTuple):
-    """State of :func:`low_rank`.
-
-    Attributes:
-        count: Number of updates taken (int32).
-        key: Raw ``uint32[2]`` key of the current basis period. Random bases are
-            regenerated from it; it advances at every refresh.
-        projectors: A tree like the params with a :class:`Projector` at each projected
-            leaf and ``None`` elsewhere.
-        inner_state: The inner optimizer's state over the coordinates.
-    """
-
-    count: jax.Array
-    key: jax.Array
-    projectors: Any
-    inner_state: optax.OptState
-
-
-def _is_projector_leaf(x: Any) -> bool:
-    return x is None or isinstance(x, Projector)
-
-
-def _is_traced(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)
-
-
-def _static_int(value: Any, name: str, allow_zero: bool = False) -> int | None:
-    """An int from a Python or concrete integer; ``None`` for a traced value."""
-    what = "a non-negative int" if allow_zero else "a positive int"
-    if isinstance(value, bool):
-        raise TypeError(f"`{name}` must be {what}, got {value!r}.")
-    if _is_traced(value):
-        return None
-    if isinstance(value, float) or (
-        hasattr(value, "dtype") and not jnp.issubdtype(value.dtype, jnp.integer)
-    ):
-        raise TypeError(f"`{name}` must be {what}, got {value!r}.")
-    try:
-        out = operator.index(value)
-    except TypeError:
-        raise TypeError(f"`{name}` must be {what}, got {value!r}.") from None
-    if out < 0 or (out == 0 and not allow_zero):
-        raise ValueError(f"`{name}` must be {what}, got {out}.")
-    return out
-
-
-def _check_positive(value: Any, name: str) -> None:
-    if _is_traced(value) or callable(value):
-        return
-    try:
-        ok = float(value) > 0
-    except (TypeError, ValueError):
-        raise TypeError(f"`{name}` must be a positive number, got {value!r}.") from None
-    if not ok:
-        raise ValueError(f"`{name}` must be > 0, got {value!r}.")
-
-
-def _check_choice(value: Any, name: str, options: Sequence[str]) -> None:
-    if value not in options:
-        raise ValueError(
-            f"`{name}` must be one of {', '.join(repr(o) for o in options)}; got {value!r}."
-        )
-
-
-def _explicit_leaf_spec(leaf: Any) -> tuple | None:
-    return shard.explicit_spec(leaf)
-
-
-def _merge_axes(entries: Sequence[Any]) -> Any:
-    names: list[Any] = []
-    for e in entries:
-        if e is None:
-            continue
-        names.extend(e if isinstance(e, tuple) else (e,))
-    if not names:
-        return None
-    return names[0] if len(names) == 1 else tuple(names)
-
-
-def _matrix_spec(layout: MatrixLayout, leaf_spec: tuple | None) -> tuple | None:
-    """The explicit spec of the matrix view ``(*batch, n, m)`` of a leaf."""
-    if leaf_spec is None:
-        return None
-    return (
-        *(leaf_spec[a] for a in layout.batch_axes),
-        _merge_axes([leaf_spec[a] for a in layout.in_axes]),
-        _merge_axes([leaf_spec[a] for a in layout.out_axes]),
-    )
-
-
-_SALT_BASES, _SALT_SKETCH = 0, 1
-
-
-def _basis_spec(spec: tuple | None, axis: int) -> tuple | None:
-    """Layout of a ``(*batch, d, r)`` basis on matrix axis ``axis`` (-2: d_in, -1: d_out)."""
-    return None if spec is None else (*spec[:-2], spec[axis], None)
-
-
-def _phase_key(key: jax.Array, salt: int) -> jax.Array:
-    return jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(key), salt))
-
-
-def _random_bases(
-    projectors: Sequence[Projector | None], key: jax.Array, specs: Sequence[tuple | None]
-) -> list[tuple[Any, Any] | None]:
-    """Regenerates the key-only bases of every projector that has them.
-
-    ``specs`` are the explicit layouts of the matrix views. All bases come from one draw
-    (see :func:`~lorajax._src.bases.grouped_normals`).
-    """
-    requests, slots = [], []
-    for j, (p, spec) in enumerate(zip(projectors, specs)):
-        if p is None or p.basis in bases_lib.STORED_BASES:
-            continue
-        kind = "orthonormal" if p.basis == "random_orthogonal" else "basis"
-        batch, r = p.layout.batch_shape, p.rank
-        if p.uses_left:
-            requests.append(((*batch, p.layout.n, r), p.dtype, _basis_spec(spec, -2), kind))
-            slots.append((j, 0))
-        if p.uses_right:
-            requests.append(((*batch, p.layout.m, r), p.dtype, _basis_spec(spec, -1), kind))
-            slots.append((j, 1))
-    out: list[Any] = [None if p is None else [None, None] for p in projectors]
-    draws = bases_lib.grouped_normals(_phase_key(key, _SALT_BASES), requests)
-    for (j, side), draw in zip(slots, draws):
-        out[j][side] = draw
-    return [None if o is None else tuple(o) for o in out]
 
 
 def low_rank(
@@ -348,18 +154,18 @@ def low_rank(
             f"`inner` must be an optax GradientTransformation (with init/update), got "
             f"{inner!r}. For example: lorajax.low_rank(optax.scale_by_adam(), rank=8)."
         )
-    static_rank = _static_int(rank, "rank")
-    _check_choice(side, "side", SIDES)
-    _check_choice(basis, "basis", bases_lib.BASES)
-    _check_choice(on_refresh, "on_refresh", refresh_lib.ON_REFRESH)
-    _check_choice(align, "align", ALIGNS)
-    _check_choice(on_small_matrix, "on_small_matrix", ON_SMALL_MATRIX)
-    _static_int(refresh_every, "refresh_every")
-    _check_positive(lora_plus_ratio, "lora_plus_ratio")
-    _check_positive(scale, "scale")
-    static_oversample = _static_int(oversample, "oversample", allow_zero=True)
-    static_power_iters = _static_int(power_iters, "power_iters", allow_zero=True)
-    if side != "both" and not _is_traced(lora_plus_ratio) and float(lora_plus_ratio) != 1.0:
+    static_rank = checks.static_int(rank, "rank")
+    checks.check_choice(side, "side", SIDES)
+    checks.check_choice(basis, "basis", bases_lib.BASES)
+    checks.check_choice(on_refresh, "on_refresh", refresh_lib.ON_REFRESH)
+    checks.check_choice(align, "align", ALIGNS)
+    checks.check_choice(on_small_matrix, "on_small_matrix", ON_SMALL_MATRIX)
+    checks.static_int(refresh_every, "refresh_every")
+    checks.check_positive(lora_plus_ratio, "lora_plus_ratio")
+    checks.check_positive(scale, "scale")
+    static_oversample = checks.static_int(oversample, "oversample", allow_zero=True)
+    static_power_iters = checks.static_int(power_iters, "power_iters", allow_zero=True)
+    if side != "both" and not checks.is_traced(lora_plus_ratio) and float(lora_plus_ratio) != 1.0:
         raise ValueError(
             f"`lora_plus_ratio`={lora_plus_ratio!r} only applies with side='both' (it scales "
             "LoRA's b block); pass side='both' or leave the ratio at 1.0."
@@ -405,16 +211,15 @@ def low_rank(
         kind = basis
         if kind == "random" and leaf_side == "both" and align == "lora_pro":
             kind = "random_orthogonal"  # I - U Uᵀ is a projector only for orthonormal U
-        spec = _matrix_spec(layout, _explicit_leaf_spec(leaf))
-        b_spec = spec[:-2] if spec else ()
+        spec = state_lib.matrix_spec(layout, shard.explicit_spec(leaf))
         batch = layout.batch_shape
         dt = dtype_of(leaf)
         stored = kind in bases_lib.STORED_BASES
         u = v = None
         if stored and leaf_side in ("left", "both"):
-            u = shard.zeros((*batch, n, r), dt, None if spec is None else (*b_spec, spec[-2], None))
+            u = shard.zeros((*batch, n, r), dt, state_lib.basis_spec(spec, -2))
         if stored and leaf_side in ("right", "both"):
-            v = shard.zeros((*batch, m, r), dt, None if spec is None else (*b_spec, spec[-1], None))
+            v = shard.zeros((*batch, m, r), dt, state_lib.basis_spec(spec, -1))
         sketch = kind == "randomized_svd"
         return Projector(
             u,
@@ -430,12 +235,11 @@ def low_rank(
         )
 
     def coord_zeros(p: Projector, leaf: Any) -> Any:
-        spec = _matrix_spec(p.layout, _explicit_leaf_spec(leaf))
-        b_spec = spec[:-2] if spec else ()
+        spec = state_lib.matrix_spec(p.layout, shard.explicit_spec(leaf))
         batch, n, m, r = p.layout.batch_shape, p.layout.n, p.layout.m, p.rank
         dt = dtype_of(leaf)
-        left = shard.zeros((*batch, r, m), dt, None if spec is None else (*b_spec, None, spec[-1]))
-        right = shard.zeros((*batch, n, r), dt, None if spec is None else (*b_spec, spec[-2], None))
+        left = shard.zeros((*batch, r, m), dt, state_lib.coord_spec(spec, "left"))
+        right = shard.zeros((*batch, n, r), dt, state_lib.coord_spec(spec, "right"))
         if p.side == "left":
             return left
         if p.side == "right":
@@ -457,7 +261,7 @@ def low_rank(
                 p = make_projector(i, spec.resolve(leaf.shape, path), leaf, path)
             projectors.append(p)
             if p is None:
-                coords.append(shard.zeros(leaf.shape, dtype_of(leaf), _explicit_leaf_spec(leaf)))
+                coords.append(shard.zeros(leaf.shape, dtype_of(leaf), shard.explicit_spec(leaf)))
             else:
                 coords.append(coord_zeros(p, leaf))
         coord_tree = treedef.unflatten(coords)
@@ -503,11 +307,11 @@ def low_rank(
             rows, axis = (m, -1) if p.side == "right" else (n, -2)
             k = max(min(p.rank + p.oversample, n, m), p.rank)
             shape = (*p.layout.batch_shape, rows, k)
-            spec = _basis_spec(shard.explicit_spec(g), axis)
+            spec = state_lib.basis_spec(shard.explicit_spec(g), axis)
             requests.append((shape, p.dtype, spec, "gaussian"))
             slots.append(j)
         out: list[Any] = [None] * len(projectors)
-        draws = bases_lib.grouped_normals(_phase_key(key, _SALT_SKETCH), requests)
+        draws = bases_lib.grouped_normals(state_lib.phase_key(key, state_lib.SALT_SKETCH), requests)
         for j, draw in zip(slots, draws):
             out[j] = draw
         return out
@@ -515,7 +319,7 @@ def low_rank(
     def bases_in_use(projectors: Sequence[Any], key: jax.Array, mats: Sequence[Any]) -> list:
         """``(U, V)`` per projector: stored ones from state, random ones regenerated."""
         specs = [None if g is None else shard.explicit_spec(g) for g in mats]
-        random = _random_bases(projectors, key, specs)
+        random = state_lib.random_bases(projectors, key, specs)
         return [
             None if p is None else ((p.u, p.v) if p.basis in bases_lib.STORED_BASES else rnd)
             for p, rnd in zip(projectors, random)
@@ -540,18 +344,13 @@ def low_rank(
         if align == "lora_pro":
             inside = shard.einsum("...nr,...ns->...rs", u, a, precision=precision)
             a = a - shard.einsum("...nr,...rs->...ns", u, inside, precision=precision)
-        out = shard.einsum("...nr,...mr->...nm", a, v, precision=precision)
-        b_block = shard.einsum("...nr,...rm->...nm", u, c.b, precision=precision)
-        return out + b_block * jnp.asarray(lora_plus_ratio, out.dtype)
+        # λ U N_b + a Vᵀ as one product [a | λU] [Vᵀ ; N_b]: ΔW is written once.
+        left = jnp.concatenate([a, u * jnp.asarray(lora_plus_ratio, u.dtype)], axis=-1)
+        right = jnp.concatenate([jnp.swapaxes(v, -1, -2), c.b], axis=-2)
+        return shard.einsum("...nk,...km->...nm", left, right, precision=precision)
 
-    def remap_state(
-        inner_state: Any,
-        treedef: Any,
-        projectors: list[Any],
-        old: list[Any],
-        new: list[Any],
-    ) -> Any:
-        """Applies the on_refresh policy to every coordinate-shaped tree of the state."""
+    def basis_maps(projectors: list[Any], old: list[Any], new: list[Any]) -> list[Any]:
+        """Per projector, ``(Q_left, Q_right)``: ``U_newᵀ U_old`` and ``V_oldᵀ V_new``."""
         maps = []
         for p, o, nw in zip(projectors, old, new):
             if p is None:
@@ -560,10 +359,36 @@ def low_rank(
             q_left = refresh_lib.dot_t(nw[0], o[0]) if p.uses_left else None
             q_right = refresh_lib.dot_t(o[1], nw[1]) if p.uses_right else None
             maps.append((q_left, q_right))
+        return maps
+
+    def identity_maps(projectors: list[Any]) -> list[Any]:
+        """The maps of a step that does not refresh: identities, so rotating is exact."""
+
+        def eye(p: Projector) -> jax.Array:
+            return jnp.broadcast_to(
+                jnp.eye(p.rank, dtype=jnp.float32), (*p.layout.batch_shape, p.rank, p.rank)
+            )
+
+        return [
+            None
+            if p is None
+            else (eye(p) if p.uses_left else None, eye(p) if p.uses_right else None)
+            for p in projectors
+        ]
+
+    def remap_state(
+        inner_state: Any, treedef: Any, projectors: list[Any], maps: list[Any], flag: jax.Array
+    ) -> Any:
+        """Applies the on_refresh policy to every coordinate-shaped tree of the state.
+
+        It runs at every step: ``maps`` are identities and ``flag`` is false except at a
+        refresh. Mapping a few r x r matrices is cheaper than carrying the whole inner
+        state through a ``lax.cond``, which XLA may copy.
+        """
 
         def remap_leaf(p: Projector, qs: Any, c: Any, quadratic: bool) -> Any:
             if on_refresh == "reset":
-                return jax.tree.map(refresh_lib.zeros_like, c)
+                return jax.tree.map(lambda x: jnp.where(flag, jnp.zeros_like(x), x), c)
 
             def lm(x):
                 return refresh_lib.left_map(qs[0].astype(x.dtype), x, quadratic)
@@ -630,12 +455,18 @@ def low_rank(
 
         inner_state = state.inner_state
         if on_refresh != "keep" and any(p is not None for p in projectors):
+            moved = refresh & (count > 0)
+            maps = None
+            if on_refresh == "rotate":
 
-            def do_remap(s: Any) -> Any:
-                old_pairs = bases_in_use(old_projectors, state.key, mats)
-                return remap_state(s, treedef, projectors, old_pairs, pairs)
+                def refreshed_maps() -> list[Any]:
+                    old_pairs = bases_in_use(old_projectors, state.key, mats)
+                    return basis_maps(projectors, old_pairs, pairs)
 
-            inner_state = jax.lax.cond(refresh & (count > 0), do_remap, lambda s: s, inner_state)
+                maps = jax.lax.cond(moved, refreshed_maps, lambda: identity_maps(projectors))
+            inner_state = remap_state(
+                inner_state, treedef, projectors, maps or [None] * len(projectors), moved
+            )
 
         coords = [
             g.astype(dtype_of(g)) if p is None else project(p, *uv, mat)
@@ -681,41 +512,3 @@ def alias_options(alias: str, defaults: dict[str, Any], options: dict[str, Any])
             f"to lorajax.low_rank, which accepts: {', '.join(sorted(valid))}."
         )
     return defaults | options
-
-
-def current_bases(state: LowRankState) -> Any:
-    """The bases used by the latest update, as a tree like the params.
-
-    Stored bases are read from the state; random ones are regenerated from its key.
-    Before the first update, stored bases are zero and random ones are those of a key
-    that the first update will advance.
-
-    Args:
-        state: A :class:`LowRankState` (e.g. ``opt_state[0]`` of a chain).
-
-    Returns:
-        A tree with ``(U, V)`` at each projected leaf (``None`` for an unused side) and
-        ``None`` elsewhere. ``U: (*batch, n, r)``, ``V: (*batch, m, r)``.
-
-    Examples:
-        >>> import jax.numpy as jnp, optax, lorajax
-        >>> tx = lorajax.low_rank(optax.sgd(1.0), rank=2, basis="random")
-        >>> state = tx.init({"w": jnp.ones((8, 6))})
-        >>> u, v = lorajax.current_bases(state)["w"]
-        >>> u.shape, v
-        ((8, 2), None)
-    """
-    if not isinstance(state, LowRankState):
-        raise TypeError(
-            f"`state` must be a LowRankState, got {type(state).__name__}. In a chain, pass "
-            "the element that belongs to low_rank (e.g. opt_state[0])."
-        )
-
-    leaves, treedef = jax.tree.flatten(state.projectors, is_leaf=_is_projector_leaf)
-    random = _random_bases(leaves, state.key, [None] * len(leaves))
-    return treedef.unflatten(
-        [
-            None if p is None else ((p.u, p.v) if p.basis in bases_lib.STORED_BASES else rnd)
-            for p, rnd in zip(leaves, random)
-        ]
-    )
