@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 import lorajax
 from tests.util import assert_trees_close, grad_stream, mixed_params
+from tests.util import run as _run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,16 +97,6 @@ def _targeted(case: Case, params: Any) -> Any:
     if case.factory is lorajax.galore:
         return jax.tree.map(lambda x: x.ndim == 2, params)
     return jax.tree.map(lambda x: x.ndim >= 2, params)
-
-
-def _run(tx, params, grads, jit=True):
-    state = tx.init(params)
-    step = jax.jit(tx.update) if jit else tx.update
-    out = []
-    for g in grads:
-        u, state = step(g, state, params)
-        out.append(u)
-    return out, state
 
 
 def check_jit(case: Case) -> None:

@@ -8,18 +8,9 @@ import pytest
 
 import lorajax
 from tests.util import assert_trees_close, lowrank_grad
+from tests.util import run as _run
 
 L, N, M, R = 3, 32, 24, 4
-
-
-def _run(tx, params, grads):
-    state = tx.init(params)
-    step = jax.jit(tx.update)
-    out = []
-    for g in grads:
-        u, state = step(g, state)
-        out.append(u)
-    return out, state
 
 
 @pytest.mark.parametrize("basis", ["svd", "randomized_svd"])

@@ -58,12 +58,11 @@ def tree_bytes(tree):
 
 
 def run(tx, params, grads, jit=True):
-    """Applies ``tx`` over a gradient stream; returns updates, final state and params."""
+    """Applies ``tx`` to a gradient stream at fixed params; returns updates and final state."""
     state = tx.init(params)
     step = jax.jit(tx.update) if jit else tx.update
     updates_seq = []
     for g in grads:
         updates, state = step(g, state, params)
         updates_seq.append(updates)
-        params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
-    return updates_seq, state, params
+    return updates_seq, state

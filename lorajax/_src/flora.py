@@ -7,7 +7,7 @@ from typing import Any
 
 import optax
 
-from lorajax._src.projection import alias_options, low_rank
+from lorajax._src.projection import alias_options, full_space_chain, low_rank
 
 __all__ = ["flora"]
 
@@ -77,8 +77,5 @@ def flora(
     if inner is None:
         inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
     options = alias_options("flora", {"basis": "random", "on_refresh": "rotate"}, kwargs)
-    return optax.chain(
-        low_rank(inner, rank=rank, refresh_every=refresh_every, seed=seed, **options),
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
-    )
+    projected = low_rank(inner, rank=rank, refresh_every=refresh_every, seed=seed, **options)
+    return full_space_chain(projected, learning_rate, weight_decay, mask)

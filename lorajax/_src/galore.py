@@ -9,7 +9,7 @@ import optax
 from optax.contrib import GaLoreDimensionNumbers
 
 from lorajax._src.matrices import MatrixSpec
-from lorajax._src.projection import alias_options, low_rank
+from lorajax._src.projection import alias_options, full_space_chain, low_rank
 from lorajax._src.targets import TreeFn
 
 __all__ = ["galore", "galore_targets"]
@@ -103,15 +103,12 @@ def galore(
     targets = options.pop("targets", None)
     if targets is None:
         targets = galore_targets(weight_dimension_numbers)
-    return optax.chain(
-        low_rank(
-            base_optimizer,
-            rank=rank,
-            refresh_every=update_proj_gap,
-            scale=scale,
-            targets=targets,
-            **options,
-        ),
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
+    projected = low_rank(
+        base_optimizer,
+        rank=rank,
+        refresh_every=update_proj_gap,
+        scale=scale,
+        targets=targets,
+        **options,
     )
+    return full_space_chain(projected, learning_rate, weight_decay, mask)

@@ -37,7 +37,7 @@ from lorajax._src.randomized_svd import sketched_svd
 from lorajax._src.state import LowRankState, Projector, TwoSidedCoords
 from lorajax._src.targets import Targets, select_targets
 
-__all__ = ["ALIGNS", "SIDES", "alias_options", "low_rank"]
+__all__ = ["ALIGNS", "SIDES", "alias_options", "full_space_chain", "low_rank"]
 
 SIDES = ("auto", "left", "right", "both")
 ALIGNS = ("lora_pro", "sum")
@@ -492,6 +492,24 @@ def low_rank(
         return treedef.unflatten(out), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def full_space_chain(
+    projected: optax.GradientTransformation,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: Any,
+    mask: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """``chain(projected, add_decayed_weights, scale_by_learning_rate)``: the aliases' form.
+
+    Weight decay and the learning rate act on the full-shape update, after projecting
+    back, as in AdamW.
+    """
+    return optax.chain(
+        projected,
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
 
 
 def alias_options(alias: str, defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
