@@ -184,7 +184,7 @@ def low_rank(
     def dtype_of(x: Any) -> Any:
         return x.dtype if fixed_dtype is None else fixed_dtype
 
-    def make_projector(index: int, layout: MatrixLayout, leaf: Any, path: str):
+    def make_projector(layout: MatrixLayout, leaf: Any, path: str):
         n, m = layout.n, layout.m
         r = static_rank
         for name, value in (
@@ -228,7 +228,6 @@ def low_rank(
             leaf_side,
             r,
             kind,
-            index,
             jnp.dtype(dt),
             oversample=static_oversample if sketch else 0,
             power_iters=static_power_iters if sketch else 0,
@@ -255,10 +254,10 @@ def low_rank(
         specs, paths = select_targets(params, targets)
         projectors: list[Projector | None] = []
         coords = []
-        for i, (spec, path, leaf) in enumerate(zip(specs, paths, leaves)):
+        for spec, path, leaf in zip(specs, paths, leaves):
             p = None
             if spec is not None:
-                p = make_projector(i, spec.resolve(leaf.shape, path), leaf, path)
+                p = make_projector(spec.resolve(leaf.shape, path), leaf, path)
             projectors.append(p)
             if p is None:
                 coords.append(shard.zeros(leaf.shape, dtype_of(leaf), shard.explicit_spec(leaf)))

@@ -51,7 +51,6 @@ class Projector:
         side: ``"left"``, ``"right"`` or ``"both"``.
         rank: The rank ``r`` used for this leaf (after clamping).
         basis: The basis family.
-        index: The leaf's index, which salts its random draws.
         dtype: dtype of the bases and coordinates.
         oversample: Randomized-SVD oversampling (``"randomized_svd"`` only).
         power_iters: Randomized-SVD power iterations (``"randomized_svd"`` only).
@@ -63,7 +62,6 @@ class Projector:
     side: str
     rank: int
     basis: str
-    index: int
     dtype: Any
     oversample: int = 0
     power_iters: int = 0
@@ -82,7 +80,7 @@ class Projector:
 jax.tree_util.register_dataclass(
     Projector,
     data_fields=["u", "v"],
-    meta_fields=["layout", "side", "rank", "basis", "index", "dtype", "oversample", "power_iters"],
+    meta_fields=["layout", "side", "rank", "basis", "dtype", "oversample", "power_iters"],
 )
 
 
