@@ -316,13 +316,9 @@ def low_rank(
         return out
 
     def bases_in_use(projectors: Sequence[Any], key: jax.Array, mats: Sequence[Any]) -> list:
-        """``(U, V)`` per projector: stored ones from state, random ones regenerated."""
+        """``(U, V)`` per projector, laid out like the gradient matrices ``mats``."""
         specs = [None if g is None else shard.explicit_spec(g) for g in mats]
-        random = state_lib.random_bases(projectors, key, specs)
-        return [
-            None if p is None else ((p.u, p.v) if p.basis in bases_lib.STORED_BASES else rnd)
-            for p, rnd in zip(projectors, random)
-        ]
+        return state_lib.bases_of(projectors, key, specs)
 
     def project(p: Projector, u: Any, v: Any, g: jax.Array) -> Any:
         left = right = None

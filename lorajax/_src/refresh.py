@@ -34,7 +34,7 @@ import optax
 
 from lorajax._src import shard
 
-__all__ = ["ON_REFRESH", "map_coordinate_trees"]
+__all__ = ["ON_REFRESH", "dot_t", "left_map", "map_coordinate_trees", "right_map"]
 
 ON_REFRESH = ("keep", "rotate", "reset")
 
@@ -99,11 +99,6 @@ def right_map(q: jax.Array, c: jax.Array, quadratic: bool) -> jax.Array:
     if quadratic:
         q = q * q
     return shard.einsum("...nt,...ts->...ns", c, q)
-
-
-def zeros_like(c: jax.Array) -> jax.Array:
-    """Zeros with ``c``'s shape, dtype and explicit layout."""
-    return shard.zeros(c.shape, c.dtype, shard.explicit_spec(c))
 
 
 def dot_t(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -18,6 +18,7 @@ __all__ = [
     "LowRankState",
     "Projector",
     "TwoSidedCoords",
+    "bases_of",
     "basis_spec",
     "coord_spec",
     "current_bases",
@@ -176,6 +177,17 @@ def random_bases(
     return [None if o is None else tuple(o) for o in out]
 
 
+def bases_of(
+    projectors: Sequence[Projector | None], key: jax.Array, specs: Sequence[tuple | None]
+) -> list[tuple[Any, Any] | None]:
+    """``(U, V)`` per projector: stored bases from the state, random ones regenerated."""
+    random = random_bases(projectors, key, specs)
+    return [
+        None if p is None else ((p.u, p.v) if p.basis in bases_lib.STORED_BASES else rnd)
+        for p, rnd in zip(projectors, random)
+    ]
+
+
 def current_bases(state: LowRankState) -> Any:
     """The bases used by the latest update, as a tree like the params.
 
@@ -205,10 +217,4 @@ def current_bases(state: LowRankState) -> Any:
         )
 
     leaves, treedef = jax.tree.flatten(state.projectors, is_leaf=is_projector_leaf)
-    random = random_bases(leaves, state.key, [None] * len(leaves))
-    return treedef.unflatten(
-        [
-            None if p is None else ((p.u, p.v) if p.basis in bases_lib.STORED_BASES else rnd)
-            for p, rnd in zip(leaves, random)
-        ]
-    )
+    return treedef.unflatten(bases_of(leaves, state.key, [None] * len(leaves)))
