@@ -3,12 +3,19 @@
 The core is :func:`low_rank`, a wrapper around any optax transform that runs it on
 rank-``r`` projections of the matrix gradients and maps the result back to full shape.
 :func:`galore`, :func:`flora` and :func:`lora` are ready-made optimizers built on it.
+
+Adapter mode is optional: :mod:`lorajax.adapters` (LoRA factors as a pytree, their inits,
+merging), :func:`lora_plus` and :func:`lora_pro` (optax transforms over adapter
+gradients) and :mod:`lorajax.nnx` (LoRA in Flax NNX models).
 """
 
+from lorajax import adapters
 from lorajax._src.bases import subspace_overlap
 from lorajax._src.flora import flora
 from lorajax._src.galore import galore
 from lorajax._src.lora import lora
+from lorajax._src.lora_plus import lora_plus
+from lorajax._src.lora_pro import lora_pro
 from lorajax._src.matrices import MatrixLayout, MatrixSpec
 from lorajax._src.projection import low_rank
 from lorajax._src.randomized_svd import randomized_svd
@@ -16,6 +23,16 @@ from lorajax._src.state import LowRankState, Projector, TwoSidedCoords, current_
 from lorajax._src.targets import PRESETS, resolve_targets
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # lorajax.nnx imports Flax; load it on first use only.
+    if name == "nnx":
+        import importlib
+
+        return importlib.import_module("lorajax.nnx")
+    raise AttributeError(f"module 'lorajax' has no attribute {name!r}")
+
 
 __all__ = [
     # core transform
@@ -28,6 +45,11 @@ __all__ = [
     "galore",
     "flora",
     "lora",
+    # adapter mode
+    "adapters",
+    "nnx",
+    "lora_plus",
+    "lora_pro",
     # matrices and targets
     "MatrixSpec",
     "MatrixLayout",

@@ -18,11 +18,29 @@ def test_all_names_exist_and_are_exported_once():
     assert public == set(lorajax.__all__), public ^ set(lorajax.__all__)
 
 
+def _public(module):
+    return [(f"{module.__name__}.{name}", getattr(module, name)) for name in module.__all__]
+
+
+def test_submodules_export_their_names():
+    for module in (lorajax.adapters, lorajax.nnx):
+        assert len(module.__all__) == len(set(module.__all__))
+        for name in module.__all__:
+            assert hasattr(module, name), name
+
+
 def test_every_public_name_is_documented_with_an_example():
-    for name in lorajax.__all__:
-        obj = getattr(lorajax, name)
+    named = _public(lorajax) + _public(lorajax.adapters) + _public(lorajax.nnx)
+    for name, obj in named:
+        if inspect.ismodule(obj):
+            doc = inspect.getdoc(obj)
+            assert doc and len(doc.splitlines()[0]) > 10, f"{name} has no summary line"
+            continue
         if isinstance(obj, dict):  # PRESETS: documented by its values
             assert all(isinstance(v, str) and v for v in obj.values())
+            continue
+        if isinstance(obj, tuple):  # INITS: a tuple of names
+            assert obj and all(isinstance(v, str) for v in obj)
             continue
         doc = inspect.getdoc(obj)
         assert doc and len(doc.splitlines()[0]) > 10, f"{name} has no summary line"
@@ -32,8 +50,13 @@ def test_every_public_name_is_documented_with_an_example():
             for param in params:
                 assert re.search(rf"\b{param}\b", doc), f"{name}: `{param}` is not documented"
     for name in ("low_rank", "galore", "flora", "lora", "randomized_svd", "subspace_overlap",
-                 "current_bases", "resolve_targets", "MatrixSpec"):  # fmt: skip
+                 "current_bases", "resolve_targets", "MatrixSpec", "lora_plus",
+                 "lora_pro"):  # fmt: skip
         assert ">>>" in inspect.getdoc(getattr(lorajax, name)), f"{name} has no example"
+    for module in (lorajax.adapters, lorajax.nnx):
+        for name, obj in _public(module):
+            if callable(obj):
+                assert ">>>" in inspect.getdoc(obj), f"{name} has no example"
 
 
 def test_papers_are_cited():
@@ -43,11 +66,20 @@ def test_papers_are_cited():
         "flora": ["2402.03293"],
         "lora": ["2407.18242", "2402.12354"],
         "randomized_svd": ["0909.4061"],
+        "lora_pro": ["2407.18242"],
+        "lora_plus": ["2402.12354"],
     }
-    for name, refs in cited.items():
-        doc = inspect.getdoc(getattr(lorajax, name))
-        for ref in refs:
-            assert ref in doc, f"{name} does not cite {ref}"
+    adapters = {
+        "init": ["2106.09685", "2312.03732", "2404.02948", "2406.01775", "2407.05000",
+                 "2308.03303", "2504.07448"],
+        "dora": ["2402.09353"],
+        "lori_mask": ["2504.07448"],
+    }  # fmt: skip
+    for module, table in ((lorajax, cited), (lorajax.adapters, adapters)):
+        for name, refs in table.items():
+            doc = inspect.getdoc(getattr(module, name))
+            for ref in refs:
+                assert ref in doc, f"{name} does not cite {ref}"
 
 
 def test_version_matches_pyproject():
