@@ -49,6 +49,16 @@ PARAMS = {"w": jnp.zeros((8, 6)), "b": jnp.zeros(6)}
         ),
         (dict(rank=2, lora_plus_ratio=4.0), ValueError, "only applies with side='both'"),
         (dict(rank=2, scale=0.0), ValueError, "`scale` must be > 0"),
+        (
+            dict(rank=2, scale=optax.linear_schedule(1.0, 0.1, 10)),
+            TypeError,
+            r"`scale` must be a positive number, got the callable .* optax.inject_hyperparams",
+        ),
+        (
+            dict(rank=2, side="both", lora_plus_ratio=lambda step: 4.0),
+            TypeError,
+            r"`lora_plus_ratio` must be a positive number, got the callable",
+        ),
         (dict(rank=2, oversample=-1), ValueError, "`oversample` must be a non-negative int"),
         (dict(rank=2, power_iters=1.5), TypeError, "`power_iters` must be a non-negative int"),
         (dict(rank=2, state_dtype="int32"), ValueError, "`state_dtype` must be a floating dtype"),

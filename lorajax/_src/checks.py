@@ -38,9 +38,18 @@ def static_int(value: Any, name: str, allow_zero: bool = False) -> int | None:
 
 
 def check_positive(value: Any, name: str) -> None:
-    """Raises unless ``value`` is a positive number (tracers and schedules pass)."""
-    if is_traced(value) or callable(value):
+    """Raises unless ``value`` is a positive number (tracers pass).
+
+    A schedule (a callable) is refused with the fix: ``optax.inject_hyperparams``
+    evaluates schedules and hands the transform plain numbers.
+    """
+    if is_traced(value):
         return
+    if callable(value):
+        raise TypeError(
+            f"`{name}` must be a positive number, got the callable {value!r}. To schedule "
+            f"it, wrap the factory: optax.inject_hyperparams(factory)({name}=schedule, ...)."
+        )
     try:
         ok = float(value) > 0
     except (TypeError, ValueError):
