@@ -32,6 +32,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import optax
+from optimizer_step import tree_bytes  # the script's own folder is on sys.path
 
 import lorajax
 
@@ -106,10 +107,6 @@ def methods() -> dict[str, tuple[str, Callable[[], optax.GradientTransformation]
             "lora_fa",
         ),
     }
-
-
-def tree_bytes(tree) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def _runner(trained: str, tx: optax.GradientTransformation, params: dict, init: str):

@@ -22,7 +22,7 @@ import optax
 from jaxtyping import Array, Float
 
 from lorajax._src import checks, shard
-from lorajax._src.adapters.tree import LoRA, is_lora
+from lorajax._src.adapters.tree import LoRA, flatten_up_to, is_lora
 from lorajax._src.bases import per_matrix
 from lorajax._src.targets import path_str
 
@@ -313,13 +313,12 @@ def lora_pro(
                 "lora_pro needs the adapters as params: call tx.update(grads, state, adapters)."
             )
         flat, treedef = split(params)
-        try:
-            grads = treedef.flatten_up_to(updates)
-        except (ValueError, TypeError) as e:
-            raise ValueError(
-                f"lora_pro: the updates do not have the structure of the params: {e}. Pass "
-                "the adapter tree the gradients were taken with as params."
-            ) from None
+        grads = flatten_up_to(
+            treedef,
+            updates,
+            "lora_pro: the updates do not have the structure of the params",
+            "Pass the adapter tree the gradients were taken with as params.",
+        )
         for (path, p), g in zip(flat, grads):
             if isinstance(p, LoRA) != isinstance(g, LoRA):
                 raise ValueError(

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from lorajax._src.adapters.tree import LoRA
+from lorajax._src.adapters.tree import LoRA, is_adapter_leaf
 from lorajax._src.bases import per_matrix
 from lorajax._src.targets import path_str
 
@@ -42,10 +42,6 @@ METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 _SIGN_METHODS = ("total", "frequency")
 _NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties")
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _is_node(x: Any) -> bool:
-    return x is None or isinstance(x, LoRA)
 
 
 def _check_number(value: Any, name: str) -> float:
@@ -136,7 +132,7 @@ def _check_args(
 def _check_same_targets(flats: list[list[tuple[str, Any]]]) -> None:
     for i, flat in enumerate(flats):
         for where, x in flat:
-            if not _is_node(x):
+            if not is_adapter_leaf(x):
                 raise ValueError(
                     f"`adapters_list[{i}]` holds {type(x).__name__} at {where!r}; an adapter "
                     "tree holds a LoRA or None at every leaf."
@@ -169,12 +165,6 @@ def _check_same_targets(flats: list[list[tuple[str, Any]]]) -> None:
                 f"`adapters_list[{i}]` does not have the structure of `adapters_list[0]`: "
                 f"one of them lacks leaf {extra!r}. Combine adapters built on the same params."
             )
-
-
-def _delta(lora: LoRA) -> jax.Array:
-    """``s·a·b`` in the matrix view, float32."""
-    a, b = lora.a.astype(jnp.float32), lora.b.astype(jnp.float32)
-    return lora.scale * jnp.matmul(a, b, precision=_HIGHEST)
 
 
 def _trim(x: Float[Array, "*batch n m"], density: float) -> Float[Array, "*batch n m"]:
@@ -264,7 +254,7 @@ def _combine_one(
         )
         b = jnp.concatenate([lora.b.astype(jnp.float32) for lora in loras], axis=-2)
     else:
-        deltas = [_delta(lora) for lora in loras]
+        deltas = [lora.delta_matrix() for lora in loras]
         if method.startswith("dare"):
             assert density is not None
             leaf_key = jax.random.fold_in(key, index)
@@ -384,7 +374,7 @@ def combine(
         adapters_list, weights, method, rank, density, majority_sign, key
     )
     flat_trees = [
-        jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_node) for tree in adapters_list
+        jax.tree_util.tree_flatten_with_path(t, is_leaf=is_adapter_leaf) for t in adapters_list
     ]
     flats = [[(path_str(p), x) for p, x in flat] for flat, _ in flat_trees]
     _check_same_targets(flats)

@@ -105,12 +105,7 @@ def dora_merge_matrix(
 def _initial_magnitude(lora: LoRA, kernel: jax.Array) -> LoRA:
     assert lora.layout is not None  # checked by check_adapters_match
     w0 = lora.layout.to_matrix(jnp.asarray(kernel)).astype(jnp.float32)
-    delta = lora.scale * jnp.matmul(
-        lora.a.astype(jnp.float32),
-        lora.b.astype(jnp.float32),
-        precision=jax.lax.Precision.HIGHEST,
-    )
-    return lora.replace(magnitude=_column_norms(w0 + delta))
+    return lora.replace(magnitude=_column_norms(w0 + lora.delta_matrix()))
 
 
 def dora(params: Any, adapters: Any) -> Any:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from lorajax._src.adapters.tree import LoRA
+from lorajax._src.adapters.tree import LoRA, flatten_up_to
 from lorajax._src.bases import per_matrix
 from lorajax._src.checks import static_int
 from lorajax._src.matrices import MatrixLayout
@@ -300,13 +300,12 @@ def init(
     leaves, treedef = jax.tree.flatten(params)
     grad_leaves: list[Any] = [None] * len(leaves)
     if grads is not None:
-        try:
-            grad_leaves = treedef.flatten_up_to(grads)
-        except (ValueError, TypeError) as e:
-            raise ValueError(
-                f"`grads` must have the structure of `params`: {e}. Pass the gradient of "
-                "the loss with respect to these params."
-            ) from None
+        grad_leaves = flatten_up_to(
+            treedef,
+            grads,
+            "`grads` must have the structure of `params`",
+            "Pass the gradient of the loss with respect to these params.",
+        )
 
     # Resolve everything (and raise on any bad target) before touching an array.
     plan: list[tuple[int, MatrixLayout, int, float]] = []

@@ -16,20 +16,18 @@ import jax
 import jax.numpy as jnp
 
 from lorajax._src.adapters.dora import dora_merge_matrix
-from lorajax._src.adapters.tree import LoRA, check_adapters_match
+from lorajax._src.adapters.tree import LoRA, check_adapters_match, is_adapter_leaf
 
 __all__ = ["apply", "merge", "unmerge"]
 
 
-def _adapter_leaf(x: Any) -> bool:
-    return x is None or isinstance(x, LoRA)
-
-
 def _map_kernels(fn: Callable[[LoRA, jax.Array], jax.Array], params: Any, adapters: Any) -> Any:
     """``params`` with ``fn(lora, kernel)`` at every adapted kernel."""
-    return jax.tree.map(
-        lambda lora, w: w if lora is None else fn(lora, w), adapters, params, is_leaf=_adapter_leaf
-    )
+
+    def visit(lora: LoRA | None, w: jax.Array) -> jax.Array:
+        return w if lora is None else fn(lora, w)
+
+    return jax.tree.map(visit, adapters, params, is_leaf=is_adapter_leaf)
 
 
 def _merged(lora: LoRA, w: jax.Array) -> jax.Array:
@@ -39,7 +37,7 @@ def _merged(lora: LoRA, w: jax.Array) -> jax.Array:
     layout = lora.layout
     assert layout is not None  # checked by check_adapters_match
     merged = dora_merge_matrix(
-        layout.to_matrix(w32), layout.to_matrix(lora.delta()), lora.magnitude.astype(jnp.float32)
+        layout.to_matrix(w32), lora.delta_matrix(), lora.magnitude.astype(jnp.float32)
     )
     return layout.from_matrix(merged).astype(w.dtype)
 
@@ -109,7 +107,7 @@ def unmerge(params: Any, adapters: Any) -> Any:
         True
     """
     check_adapters_match(params, adapters)
-    for lora in jax.tree.leaves(adapters, is_leaf=_adapter_leaf):
+    for lora in jax.tree.leaves(adapters, is_leaf=is_adapter_leaf):
         if isinstance(lora, LoRA) and lora.magnitude is not None:
             raise ValueError(
                 "unmerge cannot invert a DoRA merge (an adapter has a `magnitude`): the "

@@ -20,7 +20,15 @@ from jaxtyping import Array, Float
 from lorajax._src.matrices import MatrixLayout
 from lorajax._src.targets import path_str
 
-__all__ = ["LoRA", "check_adapters_match", "is_lora", "lora_leaves", "map_lora"]
+__all__ = [
+    "LoRA",
+    "check_adapters_match",
+    "flatten_up_to",
+    "is_adapter_leaf",
+    "is_lora",
+    "lora_leaves",
+    "map_lora",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +73,17 @@ class LoRA:
     layout: MatrixLayout | None = None
     sparsity: float | None = None
 
-    def delta(self) -> jax.Array:
-        """``s·a·b`` in the kernel's own shape (float32), ignoring any DoRA magnitude."""
-        d = self.scale * jnp.matmul(
+    def delta_matrix(self) -> jax.Array:
+        """``s·a·b`` in the matrix view ``(*batch, n, m)`` (float32), without DoRA."""
+        return self.scale * jnp.matmul(
             self.a.astype(jnp.float32),
             self.b.astype(jnp.float32),
             precision=jax.lax.Precision.HIGHEST,
         )
+
+    def delta(self) -> jax.Array:
+        """``s·a·b`` in the kernel's own shape (float32), ignoring any DoRA magnitude."""
+        d = self.delta_matrix()
         return d if self.layout is None else self.layout.from_matrix(d)
 
     def replace(self, **changes: Any) -> LoRA:
@@ -104,13 +116,22 @@ def is_lora(x: Any) -> bool:
     return isinstance(x, LoRA)
 
 
-def _adapter_leaf(x: Any) -> bool:
+def is_adapter_leaf(x: Any) -> bool:
+    """The leaves of an adapter tree: a :class:`LoRA` or ``None`` (``is_leaf`` for jax.tree)."""
     return x is None or isinstance(x, LoRA)
+
+
+def flatten_up_to(treedef: Any, tree: Any, problem: str, fix: str) -> list[Any]:
+    """``treedef.flatten_up_to(tree)``, with ``ValueError(f"{problem}: {why}. {fix}")``."""
+    try:
+        return treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{problem}: {e}. {fix}") from None
 
 
 def lora_leaves(adapters: Any) -> list[tuple[str, LoRA]]:
     """The ``(path, LoRA)`` pairs of an adapter tree, in tree order."""
-    with_path, _ = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=_adapter_leaf)
+    with_path, _ = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=is_adapter_leaf)
     return [(path_str(p), x) for p, x in with_path if isinstance(x, LoRA)]
 
 
@@ -136,7 +157,7 @@ def map_lora(fn: Callable[..., Any], adapters: Any, *rest: Any, with_path: bool 
             return fn(path_str(path), x, *others) if with_path else fn(x, *others)
         return x
 
-    return jax.tree_util.tree_map_with_path(visit, adapters, *rest, is_leaf=_adapter_leaf)
+    return jax.tree_util.tree_map_with_path(visit, adapters, *rest, is_leaf=is_adapter_leaf)
 
 
 def check_adapters_match(params: Any, adapters: Any, what: str = "adapters") -> None:
@@ -145,15 +166,13 @@ def check_adapters_match(params: Any, adapters: Any, what: str = "adapters") -> 
     Every LoRA must sit where ``params`` has an array of the shape its ``layout`` was
     built for, with factors ``a: (*batch, n, r)`` and ``b: (*batch, r, m)``.
     """
-    try:
-        pairs = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=_adapter_leaf)[1]
-        kernels = pairs.flatten_up_to(params)
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"`{what}` do not have the structure of `params`: {e}. Build them with "
-            "lorajax.adapters.init(key, params, ...) on these params."
-        ) from None
-    flat = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=_adapter_leaf)[0]
+    flat, treedef = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=is_adapter_leaf)
+    kernels = flatten_up_to(
+        treedef,
+        params,
+        f"`{what}` do not have the structure of `params`",
+        "Build them with lorajax.adapters.init(key, params, ...) on these params.",
+    )
     for (path, lora), kernel in zip(flat, kernels):
         if not isinstance(lora, LoRA):
             continue
