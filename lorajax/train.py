@@ -1,0 +1,614 @@
+"""Fine-tuning a causal language model with any lorajax method.
+
+One step builder serves the ``lorajax finetune`` command, the notebooks and the pod
+scripts:
+
+- :func:`make_optimizer` builds the optimizer of a method: full AdamW, ``lorajax.galore``,
+  ``lorajax.flora``, adapter-free ``lorajax.lora``, or Adam over LoRA adapters with
+  optional ``lorajax.lora_pro`` and ``lorajax.lora_plus``;
+- :class:`Trainer` splits a Flax NNX model into a static graph and a params tree, and
+  compiles one training step (next-token cross-entropy, gradient, optimizer update) and
+  one evaluation step, placed on a mesh when one is given;
+- :func:`fit` runs steps from a batch iterator with a progress bar and metrics.
+
+In every low-rank method only the targeted matrices train (``targets``, by default
+``"all-linear"``: the attention and MLP projections); embeddings and norms stay frozen,
+as they do under LoRA, so the optimizer state is LoRA-sized. ``"full"`` trains
+everything.
+
+Examples:
+    >>> import jax, lorajax
+    >>> from flax import nnx
+    >>> from lorajax import models, train
+    >>> config = models.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+    ...                             num_hidden_layers=1, num_attention_heads=2,
+    ...                             num_key_value_heads=1)
+    >>> model = models.Llama(config, rngs=nnx.Rngs(0))
+    >>> tx = train.make_optimizer("lora", learning_rate=1e-2, rank=2)
+    >>> trainer = train.Trainer(model, tx)
+    >>> state = trainer.init()
+    >>> batch = jax.random.randint(jax.random.key(0), (2, 9), 0, 64)
+    >>> state, metrics = trainer.step(state, batch)
+    >>> int(state.step), bool(metrics["loss"] > 0)
+    (1, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Int
+
+import lorajax
+from lorajax import adapters as lora_adapters
+from lorajax._src.targets import resolve_targets
+
+__all__ = [
+    "METHODS",
+    "default_learning_rate",
+    "make_optimizer",
+    "init_adapters",
+    "next_token_loss",
+    "TrainState",
+    "Trainer",
+    "FitResult",
+    "fit",
+    "tree_bytes",
+]
+
+#: The fine-tuning methods, by the name the command line uses.
+METHODS: tuple[str, ...] = ("full", "galore", "flora", "lora", "adapters")
+
+# LoRA Without Regret: the best LoRA learning rate is about 10x full fine-tuning's. The
+# projected methods take the same multiplier: an orthonormal rank-r projection moves W
+# less per step than full Adam, as an adapter does.
+_LR_MULTIPLIER = {"full": 1.0, "galore": 10.0, "flora": 10.0, "lora": 10.0, "adapters": 10.0}
+_DEFAULT_REFRESH = {"galore": 200, "flora": 1000, "lora": 200}
+
+
+def _check_method(method: Any) -> str:
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}.")
+    return method
+
+
+def _check_positive(name: str, value: Any, kind: type = int) -> None:
+    ok = isinstance(value, kind) and not isinstance(value, bool) and value > 0
+    if kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+        ok = ok and math.isfinite(value)
+    if not ok:
+        raise ValueError(f"`{name}` must be a positive {kind.__name__}, got {value!r}.")
+
+
+def default_learning_rate(method: str, hidden_size: int) -> float:
+    r"""The starting learning rate for a method, following LoRA Without Regret.
+
+    .. math:: \eta = 5\cdot10^{-5}\; M \;(2000 / d_{\text{model}})^{0.781},
+
+    with ``M = 1`` for full fine-tuning and ``M = 10`` for LoRA, the ratio the study
+    measured between the best LoRA and the best full fine-tuning learning rates (the
+    exponent is its fit for the Llama family). lorajax's projected methods use ``M = 10``
+    as well. It is a starting point for a sweep, not a tuned value.
+
+    Args:
+        method: One of :data:`METHODS`.
+        hidden_size: The model width ``d_model``.
+
+    Returns:
+        The learning rate.
+
+    Examples:
+        >>> from lorajax.train import default_learning_rate
+        >>> round(default_learning_rate("full", 576), 6)
+        0.000132
+        >>> round(default_learning_rate("lora", 576), 5)
+        0.00132
+
+    References:
+        Schulman et al., "LoRA Without Regret", Thinking Machines Lab (2025).
+        https://thinkingmachines.ai/blog/lora/
+    """
+    _check_method(method)
+    _check_positive("hidden_size", hidden_size)
+    return 5e-5 * _LR_MULTIPLIER[method] * (2000.0 / hidden_size) ** 0.781
+
+
+def _trainable_labels(targets: Any) -> Callable[[Any], Any]:
+    def labels(params: Any) -> Any:
+        layouts = resolve_targets(params, targets)
+        return jax.tree.map(
+            lambda layout, _: "frozen" if layout is None else "train",
+            layouts,
+            params,
+            is_leaf=lambda x: x is None,
+        )
+
+    return labels
+
+
+def make_optimizer(
+    method: str,
+    *,
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 16,
+    weight_decay: float = 0.0,
+    targets: Any = "all-linear",
+    refresh_every: int | None = None,
+    lora_pro: bool = False,
+    lora_plus_ratio: float = 1.0,
+    seed: int = 0,
+) -> optax.GradientTransformation:
+    """The optimizer of a fine-tuning method.
+
+    - ``"full"``: ``optax.adamw`` on every parameter.
+    - ``"galore"``, ``"flora"``, ``"lora"``: ``lorajax.galore`` / ``lorajax.flora`` /
+      ``lorajax.lora`` on the ``targets`` matrices (the params are updated in place, the
+      state is rank-``r``); every other parameter is frozen.
+    - ``"adapters"``: AdamW over a LoRA adapter tree (see :func:`init_adapters`),
+      preceded by ``lorajax.lora_pro()`` when ``lora_pro`` and followed by
+      ``lorajax.lora_plus(lora_plus_ratio)`` when the ratio is not 1.
+
+    Args:
+        method: One of :data:`METHODS`.
+        learning_rate: A scalar or an optax schedule.
+        rank: The rank ``r`` of the projections (ignored by ``"full"`` and
+            ``"adapters"``, whose rank is the adapters').
+        weight_decay: Decoupled weight decay.
+        targets: Which matrices train in the low-rank methods (any ``targets`` value of
+            :func:`lorajax.low_rank`).
+        refresh_every: Steps between basis refreshes (default: 200 for galore and
+            lora, 1000 for flora).
+        lora_pro: Adapters only: use LoRA-Pro's equivalent gradient.
+        lora_plus_ratio: ``"lora"`` and ``"adapters"``: the LoRA+ ratio of ``b``'s step.
+        seed: Seed of the random bases.
+
+    Returns:
+        An optax transformation. For ``"adapters"`` it runs over the adapter tree (pass
+        the adapters as ``params`` to ``update``); otherwise over the model params.
+
+    Raises:
+        ValueError: On an unknown method or an out-of-range argument.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from lorajax.train import make_optimizer
+        >>> params = {"mlp": {"up_proj": {"kernel": jnp.ones((8, 4))}}, "norm": jnp.ones(4)}
+        >>> tx = make_optimizer("lora", learning_rate=1e-3, rank=2)
+        >>> updates, _ = tx.update(params, tx.init(params), params)
+        >>> float(jnp.abs(updates["norm"]).max())  # frozen: not a target
+        0.0
+    """
+    _check_method(method)
+    _check_positive("rank", rank)
+    if not callable(learning_rate):
+        _check_positive("learning_rate", learning_rate, float)
+    if not isinstance(weight_decay, int | float) or weight_decay < 0:
+        raise ValueError(f"`weight_decay` must be a float >= 0, got {weight_decay!r}.")
+    if refresh_every is not None:
+        _check_positive("refresh_every", refresh_every)
+    _check_positive("lora_plus_ratio", lora_plus_ratio, float)
+    if lora_pro and method != "adapters":
+        raise ValueError(
+            f"`lora_pro` applies to method='adapters', got method={method!r}; "
+            "method='lora' aligns its update with LoRA-Pro already."
+        )
+    if lora_plus_ratio != 1.0 and method not in ("lora", "adapters"):
+        raise ValueError(
+            f"`lora_plus_ratio` applies to method 'lora' or 'adapters', got {method!r}."
+        )
+
+    if method == "full":
+        return optax.adamw(learning_rate, weight_decay=weight_decay)
+    if method == "adapters":
+        parts: list[optax.GradientTransformation] = []
+        if lora_pro:
+            parts.append(lorajax.lora_pro())
+        parts.append(optax.scale_by_adam())
+        if lora_plus_ratio != 1.0:
+            parts.append(lorajax.lora_plus(lora_plus_ratio))
+        if weight_decay:
+            parts.append(optax.add_decayed_weights(weight_decay))
+        parts.append(optax.scale_by_learning_rate(learning_rate))
+        return optax.chain(*parts)
+
+    refresh = refresh_every or _DEFAULT_REFRESH[method]
+    if method == "galore":
+        inner = lorajax.galore(
+            learning_rate,
+            rank=rank,
+            update_proj_gap=refresh,
+            weight_decay=weight_decay,
+            targets=targets,
+        )
+    elif method == "flora":
+        inner = lorajax.flora(
+            learning_rate,
+            rank,
+            refresh_every=refresh,
+            weight_decay=weight_decay,
+            seed=seed,
+            targets=targets,
+        )
+    else:
+        inner = lorajax.lora(
+            learning_rate,
+            rank,
+            refresh_every=refresh,
+            lora_plus_ratio=lora_plus_ratio,
+            weight_decay=weight_decay,
+            seed=seed,
+            targets=targets,
+        )
+    return optax.multi_transform(
+        {"train": inner, "frozen": optax.set_to_zero()}, _trainable_labels(targets)
+    )
+
+
+def init_adapters(
+    key: jax.Array,
+    params: Any,
+    *,
+    rank: int = 16,
+    alpha: float = 32.0,
+    targets: Any = "all-linear",
+    init: str = "default",
+) -> tuple[Any, Any]:
+    """LoRA adapters for a params tree; LoRA Without Regret's ``alpha=32`` by default.
+
+    A thin front to :func:`lorajax.adapters.init` with the defaults of the fine-tuning
+    command: every linear layer, ``alpha = 32`` (so the ``alpha/r`` scaling keeps the
+    best learning rate almost independent of the rank).
+
+    Args:
+        key: A PRNG key.
+        params: The model params (e.g. :attr:`Trainer.params`).
+        rank: Adapter rank.
+        alpha: LoRA alpha.
+        targets: Which matrices get adapters.
+        init: An init of :data:`lorajax.adapters.INITS`.
+
+    Returns:
+        ``(adapters, base_params)`` as :func:`lorajax.adapters.init` returns them.
+    """
+    return lora_adapters.init(key, params, rank=rank, alpha=alpha, targets=targets, init=init)
+
+
+def next_token_loss(
+    logits: jax.Array, tokens: Int[Array, "batch seq"]
+) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token cross-entropy and the number of predicted tokens.
+
+    Args:
+        logits: ``(batch, seq - 1, vocab)``: the model's output on ``tokens[:, :-1]``.
+        tokens: ``(batch, seq)`` token ids; targets are ``tokens[:, 1:]``.
+
+    Returns:
+        ``(sum of negative log-likelihoods, count)`` as float32 scalars.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from lorajax.train import next_token_loss
+        >>> total, count = next_token_loss(jnp.zeros((1, 2, 4)), jnp.array([[0, 1, 2]]))
+        >>> round(float(total / count), 4)  # uniform over 4 tokens: log 4
+        1.3863
+    """
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:])
+    return jnp.sum(nll), jnp.asarray(nll.size, jnp.float32)
+
+
+class TrainState(NamedTuple):
+    """Everything a training step reads and writes (a pytree).
+
+    Attributes:
+        params: The model's parameters as a nested dict (for ``"adapters"``: the frozen
+            base weights).
+        adapters: The LoRA adapter tree, or ``None`` when the params themselves train.
+        opt_state: The optimizer state.
+        step: Number of steps taken (int32).
+    """
+
+    params: Any
+    adapters: Any
+    opt_state: Any
+    step: jax.Array
+
+
+def tree_bytes(tree: Any) -> int:
+    """Total bytes of the arrays in a pytree (``ShapeDtypeStruct`` leaves count too)."""
+    return sum(
+        math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(tree)
+        if hasattr(x, "shape") and hasattr(x, "dtype")
+    )
+
+
+class Trainer:
+    """Compiled training and evaluation steps for a Flax NNX causal language model.
+
+    The model is split once into its graph and a params tree (a nested dict of arrays);
+    a step merges them inside ``jax.jit``, so the compiled program is a pure function of
+    :class:`TrainState` and the batch. A batch is ``(batch, seq + 1)`` token ids: the
+    model reads ``[:, :-1]`` and predicts ``[:, 1:]``.
+
+    With a ``mesh``, the batch is split over ``data_axes`` (by default every mesh axis)
+    and the state is replicated: data parallelism. Both Explicit and Auto axis types
+    work.
+
+    Args:
+        model: A Flax NNX module mapping ``(batch, seq)`` token ids to logits.
+        tx: The optimizer, e.g. from :func:`make_optimizer`.
+        adapters: A LoRA adapter tree for the model's params (:func:`init_adapters`);
+            then the adapters train and the params stay frozen. ``params`` must then be
+            the base params :func:`init_adapters` returned (PiSSA-like inits change
+            them).
+        params: The params to start from (default: the model's own).
+        mesh: An optional ``jax.sharding.Mesh``.
+        data_axes: Mesh axes the batch dimension is split over.
+        donate: Donate the state to the step (update in place).
+
+    Attributes:
+        params: The model's params as a nested dict.
+        graphdef: The model's static graph.
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        tx: optax.GradientTransformation,
+        *,
+        adapters: Any = None,
+        params: Any = None,
+        mesh: jax.sharding.Mesh | None = None,
+        data_axes: str | Sequence[str] | None = None,
+        donate: bool = False,
+    ) -> None:
+        if not isinstance(model, nnx.Module):
+            raise TypeError(f"`model` must be a flax.nnx.Module, got {type(model).__name__}.")
+        self.graphdef, state, self._rest = nnx.split(model, nnx.Param, ...)
+        self.params = nnx.to_pure_dict(state) if params is None else params
+        self.tx = tx
+        self.adapters = adapters
+        if adapters is not None:
+            lora_adapters.merge(self.params, adapters)  # validates the structure
+        self.mesh = mesh
+        if mesh is not None:
+            axes = tuple(mesh.axis_names) if data_axes is None else data_axes
+            axes = (axes,) if isinstance(axes, str) else tuple(axes)
+            unknown = [a for a in axes if a not in mesh.axis_names]
+            if unknown:
+                raise ValueError(
+                    f"`data_axes` {unknown} are not axes of the mesh {tuple(mesh.axis_names)}."
+                )
+            self._data_axes = axes
+            self._replicated = NamedSharding(mesh, P())
+            self._batch_sharding = NamedSharding(mesh, P(axes))
+            self._data_size = math.prod(mesh.shape[a] for a in axes)
+        else:
+            self._data_axes = ()
+            self._data_size = 1
+        donate_args = (0,) if donate else ()
+        self._step = jax.jit(self._step_fn, donate_argnums=donate_args)
+        self._compiled: dict[Any, Any] = {}
+        self._eval = jax.jit(self._eval_fn)
+        self._init = jax.jit(self._init_fn)
+
+    # -- pure functions -------------------------------------------------------------
+
+    def _forward(self, params: Any, tokens: jax.Array) -> jax.Array:
+        model = nnx.merge(self.graphdef, params, self._rest)
+        return model(tokens)
+
+    def _loss(self, trainable: Any, params: Any, tokens: jax.Array) -> jax.Array:
+        params = trainable if self.adapters is None else lora_adapters.merge(params, trainable)
+        total, count = next_token_loss(self._forward(params, tokens[:, :-1]), tokens)
+        return total / count
+
+    def _init_fn(self, params: Any, adapters: Any) -> TrainState:
+        trainable = params if adapters is None else adapters
+        return TrainState(params, adapters, self.tx.init(trainable), jnp.zeros((), jnp.int32))
+
+    def _step_fn(self, state: TrainState, tokens: jax.Array) -> tuple[TrainState, dict]:
+        frozen_adapters = state.adapters is not None
+        trainable = state.adapters if frozen_adapters else state.params
+        loss, grads = jax.value_and_grad(self._loss)(trainable, state.params, tokens)
+        updates, opt_state = self.tx.update(grads, state.opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        new = TrainState(
+            state.params if frozen_adapters else trainable,
+            trainable if frozen_adapters else None,
+            opt_state,
+            state.step + 1,
+        )
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    def _eval_fn(self, state: TrainState, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        params = state.params
+        if state.adapters is not None:
+            params = lora_adapters.merge(params, state.adapters)
+        return next_token_loss(self._forward(params, tokens[:, :-1]), tokens)
+
+    # -- public ---------------------------------------------------------------------
+
+    def _place_state(self, tree: Any) -> Any:
+        if self.mesh is None:
+            return tree
+        return jax.device_put(tree, self._replicated)
+
+    def place_batch(self, batch: Any) -> jax.Array:
+        """Puts a host batch of token ids on the devices (split over the data axes).
+
+        Raises:
+            ValueError: If the batch is not 2-D or not divisible over the data axes.
+        """
+        batch = jnp.asarray(batch) if not isinstance(batch, jax.Array) else batch
+        if batch.ndim != 2 or batch.shape[1] < 2:
+            raise ValueError(
+                f"A batch must be (batch, seq + 1) token ids with seq >= 1, got shape "
+                f"{tuple(batch.shape)}."
+            )
+        if batch.shape[0] % self._data_size:
+            raise ValueError(
+                f"The batch size {batch.shape[0]} must be divisible by the "
+                f"{self._data_size} devices of the data axes {self._data_axes}."
+            )
+        if self.mesh is None:
+            return batch
+        return jax.device_put(batch, self._batch_sharding)
+
+    def _context(self):
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        return jax.set_mesh(self.mesh)
+
+    def _compile(self, state: TrainState, tokens: jax.Array) -> Any:
+        # One executable per batch shape, shared by step() and memory().
+        key = (tokens.shape, str(tokens.dtype))
+        if key not in self._compiled:
+            self._compiled[key] = self._step.lower(state, tokens).compile()
+        return self._compiled[key]
+
+    def init(self) -> TrainState:
+        """The initial state: the params, the adapters and a fresh optimizer state."""
+        with self._context():
+            params = self._place_state(self.params)
+            adapters = self._place_state(self.adapters)
+            return self._init(params, adapters)
+
+    def step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One training step on ``batch`` (``(batch, seq + 1)`` token ids).
+
+        Returns:
+            The new state and ``{"loss", "grad_norm"}`` (device scalars; ``loss`` is the
+            mean next-token cross-entropy before the update).
+        """
+        tokens = self.place_batch(batch)
+        with self._context():
+            return self._compile(state, tokens)(state, tokens)
+
+    def evaluate(self, state: TrainState, batches: Iterable[Any]) -> float:
+        """Mean next-token cross-entropy (nats per token) over ``batches``.
+
+        Raises:
+            ValueError: If ``batches`` is empty.
+        """
+        total, count = 0.0, 0.0
+        with self._context():
+            for batch in batches:
+                t, c = self._eval(state, self.place_batch(batch))
+                total, count = total + float(t), count + float(c)
+        if not count:
+            raise ValueError("`batches` is empty: evaluation needs at least one batch.")
+        return total / count
+
+    def model(self, state: TrainState) -> nnx.Module:
+        """The NNX model with the state's weights (adapters merged into the kernels)."""
+        params = state.params
+        if state.adapters is not None:
+            params = lora_adapters.merge(params, state.adapters)
+        return nnx.merge(self.graphdef, params, self._rest)
+
+    def memory(self, state: TrainState, batch: Any) -> dict[str, int]:
+        """Byte counts of the compiled training step (``memory_analysis()``).
+
+        ``peak_bytes`` is arguments + outputs + temporaries - aliased (donated) bytes:
+        what the step needs at its peak, as XLA plans it.
+        """
+        tokens = self.place_batch(batch)
+        with self._context():
+            mem = self._compile(state, tokens).memory_analysis()
+        out = {
+            "argument_bytes": int(mem.argument_size_in_bytes),
+            "output_bytes": int(mem.output_size_in_bytes),
+            "temp_bytes": int(mem.temp_size_in_bytes),
+            "alias_bytes": int(mem.alias_size_in_bytes),
+        }
+        out["peak_bytes"] = (
+            out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+        )
+        return out
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    Attributes:
+        state: The final train state.
+        history: One dict per step: ``step``, ``loss``, ``grad_norm``, ``tokens_per_s``,
+            ``seconds``.
+    """
+
+    state: TrainState
+    history: list[dict[str, float]]
+
+
+def fit(
+    trainer: Trainer,
+    state: TrainState,
+    batches: Iterator[Any],
+    steps: int,
+    *,
+    on_step: Callable[[Mapping[str, float]], None] | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Runs ``steps`` training steps on batches drawn from ``batches``.
+
+    Each step's loss is fetched before the next step starts, so ``seconds`` and
+    ``tokens_per_s`` are the step's wall time (the first one includes compilation).
+
+    Args:
+        trainer: The :class:`Trainer`.
+        state: Its current state.
+        batches: An iterator of ``(batch, seq + 1)`` token-id arrays.
+        steps: How many steps to run.
+        on_step: Called with each step's metrics (e.g. to write ``metrics.jsonl``).
+        progress: Show a progress bar with the loss and tokens/s.
+
+    Returns:
+        A :class:`FitResult`.
+    """
+    _check_positive("steps", steps)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="finetune", unit="step", dynamic_ncols=True)
+    history = []
+    try:
+        for _ in range(steps):
+            batch = np.asarray(next(batches))
+            start = time.perf_counter()
+            state, metrics = trainer.step(state, batch)
+            loss = float(metrics["loss"])
+            seconds = time.perf_counter() - start
+            tokens = batch.shape[0] * (batch.shape[1] - 1)
+            row = {
+                "step": int(state.step),
+                "loss": loss,
+                "grad_norm": float(metrics["grad_norm"]),
+                "tokens_per_s": tokens / seconds,
+                "seconds": seconds,
+            }
+            history.append(row)
+            if on_step is not None:
+                on_step(row)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+    return FitResult(state, history)
