@@ -7,6 +7,10 @@ rank-``r`` projections of the matrix gradients and maps the result back to full 
 Adapter mode is optional: :mod:`lorajax.adapters` (LoRA factors as a pytree, their inits,
 merging), :func:`lora_plus` and :func:`lora_pro` (optax transforms over adapter
 gradients) and :mod:`lorajax.nnx` (LoRA in Flax NNX models).
+
+Around them: :mod:`lorajax.models` (a Llama-family NNX model, Hugging Face and GGUF
+loaders, SmolLM2-135M as the embedded default), :mod:`lorajax.data` (text to packed
+batches) and :mod:`lorajax.train` (the step builder behind ``lorajax finetune``).
 """
 
 from lorajax import adapters
@@ -25,12 +29,15 @@ from lorajax._src.targets import PRESETS, resolve_targets
 __version__ = "0.1.0"
 
 
+_LAZY = ("nnx", "models", "data", "train")
+
+
 def __getattr__(name: str):
-    # lorajax.nnx imports Flax; load it on first use only.
-    if name == "nnx":
+    # These import Flax, tokenizers and the model code; load them on first use only.
+    if name in _LAZY:
         import importlib
 
-        return importlib.import_module("lorajax.nnx")
+        return importlib.import_module(f"lorajax.{name}")
     raise AttributeError(f"module 'lorajax' has no attribute {name!r}")
 
 
@@ -50,6 +57,10 @@ __all__ = [
     "nnx",
     "lora_plus",
     "lora_pro",
+    # real models and the fine-tuning loop
+    "models",
+    "data",
+    "train",
     # matrices and targets
     "MatrixSpec",
     "MatrixLayout",

@@ -238,6 +238,14 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     except (ModelFileError, FileNotFoundError, ValueError) as err:
         raise _UsageError(str(err)) from err
     trainer: train.Trainer = setup["trainer"]
+    config = setup["model"].config
+    print(
+        f"model: {args.model or 'SmolLM2-135M-Instruct (embedded)'} ({config.num_hidden_layers} "
+        f"layers, d={config.hidden_size}) | method: {args.method}, rank {args.rank}, "
+        f"lr {setup['learning_rate']:.3g} | data: {len(setup['train_set'])} train and "
+        f"{len(setup['eval_set'])} eval sequences of {args.seq_len} tokens",
+        flush=True,
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -261,7 +269,11 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
             state = result.state
             eval_after = trainer.evaluate(state, setup["eval_batches"])
             log.write(json.dumps({"step": int(state.step), "eval_loss": eval_after}) + "\n")
-        print(f"eval loss after:  {eval_after:.4f}", flush=True)
+        print(
+            f"eval loss after:  {eval_after:.4f} ({eval_after - eval_before:+.4f} after "
+            f"{args.steps} steps)",
+            flush=True,
+        )
         steady = [r["tokens_per_s"] for r in result.history[1:]] or [
             result.history[0]["tokens_per_s"]
         ]

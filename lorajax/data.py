@@ -9,17 +9,9 @@
 - :func:`eval_batches`: fixed evaluation batches.
 """
 
-from lorajax._src.data import (
-    TEXT_SUFFIXES,
-    BatchIterator,
-    PackedDataset,
-    default_corpus,
-    eval_batches,
-    make_datasets,
-    pack,
-    read_texts,
-    tokenize,
-)
+from lorajax._src.batches import BatchIterator, eval_batches
+from lorajax._src.corpus import TEXT_SUFFIXES, default_corpus, read_texts
+from lorajax._src.data import PackedDataset, make_datasets, pack, tokenize
 
 __all__ = [
     "TEXT_SUFFIXES",

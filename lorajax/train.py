@@ -282,6 +282,15 @@ def init_adapters(
 
     Returns:
         ``(adapters, base_params)`` as :func:`lorajax.adapters.init` returns them.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from lorajax.train import init_adapters
+        >>> params = {"self_attn": {"q_proj": {"kernel": jnp.ones((16, 8))}}}
+        >>> adapters, base = init_adapters(jax.random.key(0), params, rank=4)
+        >>> lora = adapters["self_attn"]["q_proj"]["kernel"]
+        >>> lora.a.shape, lora.b.shape, lora.scale
+        ((16, 4), (4, 8), 8.0)
     """
     return lora_adapters.init(key, params, rank=rank, alpha=alpha, targets=targets, init=init)
 
@@ -327,7 +336,20 @@ class TrainState(NamedTuple):
 
 
 def tree_bytes(tree: Any) -> int:
-    """Total bytes of the arrays in a pytree (``ShapeDtypeStruct`` leaves count too)."""
+    """Total bytes of the arrays in a pytree (``ShapeDtypeStruct`` leaves count too).
+
+    Args:
+        tree: Any pytree; leaves without ``shape`` and ``dtype`` count zero.
+
+    Returns:
+        The number of bytes.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from lorajax.train import tree_bytes
+        >>> tree_bytes({"w": jnp.zeros((4, 8)), "n": jax.ShapeDtypeStruct((3,), jnp.bfloat16)})
+        134
+    """
     return sum(
         math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
         for x in jax.tree.leaves(tree)
@@ -362,6 +384,22 @@ class Trainer:
     Attributes:
         params: The model's params as a nested dict.
         graphdef: The model's static graph.
+
+    Examples:
+        >>> import numpy as np, optax
+        >>> from flax import nnx
+        >>> from lorajax import models, train
+        >>> cfg = models.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24,
+        ...                          num_hidden_layers=1, num_attention_heads=2,
+        ...                          num_key_value_heads=1)
+        >>> trainer = train.Trainer(models.Llama(cfg, rngs=nnx.Rngs(0)), optax.adamw(1e-2))
+        >>> state = trainer.init()
+        >>> batch = np.arange(18).reshape(2, 9) % 32
+        >>> before = trainer.evaluate(state, [batch])
+        >>> for _ in range(3):
+        ...     state, _ = trainer.step(state, batch)
+        >>> trainer.evaluate(state, [batch]) < before
+        True
     """
 
     def __init__(
@@ -579,6 +617,19 @@ def fit(
 
     Returns:
         A :class:`FitResult`.
+
+    Examples:
+        >>> import itertools, numpy as np, optax
+        >>> from flax import nnx
+        >>> from lorajax import models, train
+        >>> cfg = models.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24,
+        ...                          num_hidden_layers=1, num_attention_heads=2,
+        ...                          num_key_value_heads=1)
+        >>> trainer = train.Trainer(models.Llama(cfg, rngs=nnx.Rngs(0)), optax.adamw(1e-2))
+        >>> batches = itertools.repeat(np.arange(18).reshape(2, 9) % 32)
+        >>> result = train.fit(trainer, trainer.init(), batches, 3, progress=False)
+        >>> [row["step"] for row in result.history]
+        [1, 2, 3]
     """
     _check_positive("steps", steps)
     bar = None

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from lorajax._src.data import (
+from lorajax.data import (
     BatchIterator,
     PackedDataset,
     default_corpus,

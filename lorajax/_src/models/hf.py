@@ -358,10 +358,29 @@ def save_hf(model: Llama, path: str | os.PathLike, *, tokenizer: Any = None) -> 
         tokenizer: Optional tokenizer with a ``save(directory)`` method (writes
             ``tokenizer.json``).
 
+    Returns:
+        None. The directory then holds ``config.json`` and ``model.safetensors`` (and
+        ``tokenizer.json`` with a tokenizer).
+
     Raises:
         TypeError: ``model`` is not a :class:`Llama` or ``tokenizer`` has no ``save``.
         NotADirectoryError: ``path`` exists and is not a directory.
         OSError: the directory cannot be written.
+
+    Examples:
+        >>> import tempfile, numpy as np
+        >>> from flax import nnx
+        >>> from lorajax import models
+        >>> cfg = models.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24,
+        ...                          num_hidden_layers=1, num_attention_heads=2,
+        ...                          num_key_value_heads=1)
+        >>> model = models.Llama(cfg, rngs=nnx.Rngs(0))
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     models.save_hf(model, d)
+        ...     again = models.load_hf(d)
+        >>> tokens = np.array([[1, 2, 3]])
+        >>> bool(np.array_equal(model(tokens), again(tokens)))
+        True
     """
     if not isinstance(model, Llama):
         raise TypeError(f"`model` must be a Llama, got {type(model).__name__}.")
