@@ -420,7 +420,7 @@ class Trainer:
         self.tx = tx
         self.adapters = adapters
         if adapters is not None:
-            lora_adapters.merge(self.params, adapters)  # validates the structure
+            jax.eval_shape(lora_adapters.merge, self.params, adapters)  # checks, computes nothing
         self.mesh = mesh
         if mesh is not None:
             axes = tuple(mesh.axis_names) if data_axes is None else data_axes

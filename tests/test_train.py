@@ -294,3 +294,11 @@ def test_trainer_rejects_bad_inputs():
         trainer.evaluate(state, [])
     with pytest.raises(ValueError, match="`steps` must be a positive int"):
         train.fit(trainer, state, iter([]), 0, progress=False)
+
+
+def test_trainer_rejects_adapters_for_other_params():
+    other = {"mlp": {"up_proj": {"kernel": jnp.ones((8, 4))}}}
+    adapters, _ = train.init_adapters(jax.random.key(0), other, rank=2)
+    tx = train.make_optimizer("adapters", learning_rate=1e-3)
+    with pytest.raises(ValueError, match="adapter"):
+        train.Trainer(make_model(), tx, adapters=adapters)
