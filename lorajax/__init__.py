@@ -10,7 +10,9 @@ gradients) and :mod:`lorajax.nnx` (LoRA in Flax NNX models).
 
 Around them: :mod:`lorajax.models` (a Llama-family NNX model, Hugging Face and GGUF
 loaders, SmolLM2-135M as the embedded default), :mod:`lorajax.data` (text to packed
-batches) and :mod:`lorajax.train` (the step builder behind ``lorajax finetune``).
+batches), :mod:`lorajax.train` (the step builder behind ``lorajax finetune``),
+:mod:`lorajax.checkpoint` (Orbax checkpoints, exact resume) and :mod:`lorajax.peft_format`
+(Hugging Face PEFT adapter files in both directions).
 """
 
 from lorajax import adapters
@@ -29,7 +31,7 @@ from lorajax._src.targets import PRESETS, resolve_targets
 __version__ = "0.1.0"
 
 
-_LAZY = ("nnx", "models", "data", "train")
+_LAZY = ("nnx", "models", "data", "train", "checkpoint", "peft_format")
 
 
 def __getattr__(name: str):
@@ -61,6 +63,9 @@ __all__ = [
     "models",
     "data",
     "train",
+    # persistence and interop
+    "checkpoint",
+    "peft_format",
     # matrices and targets
     "MatrixSpec",
     "MatrixLayout",

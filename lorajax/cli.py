@@ -14,8 +14,19 @@ Files in ``--out``:
 
 - ``metrics.jsonl``: one JSON object per line: each training step (``step``, ``loss``,
   ``grad_norm``, ``tokens_per_s``, ``seconds``) and the evaluations (``eval_loss``);
+- ``adapter/`` (``--export peft``): the trained adapters as a Hugging Face PEFT directory;
+- ``model/`` (``--export merged``): the fine-tuned model (adapters merged) as a Hugging
+  Face checkpoint directory with its tokenizer;
 - ``summary.json``: the arguments, the evaluation loss before and after, throughput,
   optimizer state bytes and the compiled step's peak memory.
+- ``checkpoints/`` (with ``--save-every N``): Orbax checkpoints of the train state and the
+  data position every ``N`` steps and at the end (see :mod:`lorajax.checkpoint`).
+
+With ``--save-every`` or ``--resume`` the run directory is written in place during
+training, so that its checkpoints survive an interruption (``summary.json`` is still
+replaced atomically). ``--resume`` continues from the latest checkpoint in ``--out`` up
+to ``--steps`` and appends to ``metrics.jsonl``; the settings that shape the state and
+the data order (method, rank, seed, batch size, ...) must match the checkpoint's.
 """
 
 from __future__ import annotations
@@ -130,12 +141,94 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--out", default="runs/finetune", help="run directory (default: %(default)s)")
     ft.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    ft.add_argument(
+        "--save-every",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="checkpoint the train state and data position into <out>/checkpoints every N "
+        "steps and at the end",
+    )
+    ft.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in <out>/checkpoints up to --steps",
+    )
+    ft.add_argument(
+        "--export",
+        nargs="+",
+        choices=("peft", "merged"),
+        default=[],
+        help="also write the result: 'peft' (with --method adapters) a PEFT adapter "
+        "directory <out>/adapter; 'merged' a Hugging Face checkpoint <out>/model",
+    )
     ft.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
 
 
 class _UsageError(Exception):
     """A bad argument or input found before any work started."""
+
+
+# The settings a resumed run must share with its checkpoint: they shape the train state
+# or decide the data order and the updates.
+_RESUME_KEYS = (
+    "method",
+    "rank",
+    "alpha",
+    "lr",
+    "weight_decay",
+    "lora_pro",
+    "lora_plus_ratio",
+    "refresh_every",
+    "dtype",
+    "scan_layers",
+    "seed",
+    "batch_size",
+    "seq_len",
+    "eval_fraction",
+)
+
+
+def _run_config(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: getattr(args, key) for key in _RESUME_KEYS}
+
+
+def _check_resume(args: argparse.Namespace) -> None:
+    """Checks that --out holds a checkpoint this command line can continue (reads JSON only)."""
+    from lorajax.checkpoint import Checkpointer, CheckpointError
+
+    if args.overwrite:
+        raise _UsageError("--resume and --overwrite exclude each other: choose one.")
+    directory = Path(args.out) / "checkpoints"
+    ckpt = Checkpointer(directory)
+    step = ckpt.latest_step()
+    if step is None:
+        raise _UsageError(
+            f"--resume: no checkpoint in {str(directory)!r}; run without --resume (with "
+            "--save-every N) to start the run."
+        )
+    try:
+        meta = ckpt.metadata(step)
+        saved = meta["config"]
+        diffs = [
+            f"--{key.replace('_', '-')} was {saved.get(key)!r}, now {value!r}"
+            for key, value in _run_config(args).items()
+            if key in saved and saved[key] != value
+        ]
+    except CheckpointError as err:
+        raise _UsageError(str(err)) from err
+    if diffs:
+        raise _UsageError(
+            f"--resume: the checkpoint of step {step} in {str(directory)!r} was saved with other "
+            f"settings ({'; '.join(diffs)}). Pass the saved values, or start a new run in "
+            "another --out."
+        )
+    if step >= args.steps:
+        raise _UsageError(
+            f"--resume: the checkpoint in {str(directory)!r} is at step {step}, already "
+            f"--steps {args.steps}; pass a larger --steps to train further."
+        )
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -160,7 +253,15 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
 
     from lorajax import data, models, train
 
-    _check_out(Path(args.out), args.overwrite)
+    if "peft" in args.export and args.method != "adapters":
+        raise _UsageError(
+            f"--export peft writes LoRA adapters, which --method {args.method} does not train; "
+            "use --method adapters, or --export merged for the fine-tuned model."
+        )
+    if args.resume:
+        _check_resume(args)
+    else:
+        _check_out(Path(args.out), args.overwrite)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     model, tokenizer = models.load(
         args.model, dtype=dtype, scan_layers=args.scan_layers, remat=args.remat
@@ -225,12 +326,148 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_metrics(path: Path, upto: int) -> list[dict[str, Any]]:
+    """The rows of an earlier ``metrics.jsonl`` up to step ``upto`` (later ones were lost)."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for row in rows if row.get("step", 0) <= upto]
+
+
+def _train_in_place(args: argparse.Namespace, setup: dict[str, Any], out: Path) -> dict:
+    """Trains with checkpoints, writing into ``out`` directly (it must survive a kill)."""
+    from lorajax.checkpoint import Checkpointer
+
+    trainer = setup["trainer"]
+    ckpt = Checkpointer(out / "checkpoints", config=_run_config(args))
+    state, position, earlier = trainer.init(), None, []
+    if args.resume:
+        try:
+            state, position, _ = ckpt.restore(target=state, expect_config=_run_config(args))
+        except ValueError as err:
+            raise _UsageError(str(err)) from err
+        earlier = _read_metrics(out / "metrics.jsonl", int(state.step))
+        print(f"resumed from step {int(state.step)} in {out / 'checkpoints'}", flush=True)
+    elif out.exists():  # --overwrite was checked
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with ckpt:
+        return _train(args, setup, out, state, position, earlier, ckpt)
+
+
+def _train(
+    args: argparse.Namespace,
+    setup: dict[str, Any],
+    work: Path,
+    state: Any,
+    position: Any,
+    earlier: list[dict[str, Any]],
+    ckpt: Any = None,
+) -> dict[str, Any]:
+    """The training run proper: evaluations, steps, checkpoints, metrics and summary."""
+    from lorajax import data, train
+
+    trainer: train.Trainer = setup["trainer"]
+    start = time.perf_counter()
+    batches = data.BatchIterator(setup["train_set"], args.batch_size, seed=args.seed)
+    if position is not None:
+        batches.restore(position)
+    memory = trainer.memory(state, setup["train_set"].tokens[: args.batch_size])
+    first_eval = [r["eval_loss"] for r in earlier if r.get("step") == 0 and "eval_loss" in r]
+    eval_before = first_eval[0] if first_eval else trainer.evaluate(state, setup["eval_batches"])
+    print(f"eval loss before: {eval_before:.4f}", flush=True)
+    done = int(state.step)
+    remaining = args.steps - done
+    every = args.save_every or remaining
+    history: list[dict[str, float]] = []
+    bar = None
+    if args.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=args.steps, initial=done, desc="finetune", unit="step", dynamic_ncols=True)
+    try:
+        # Rows of steps after the checkpoint (lost by an interruption) are dropped first.
+        metrics = work / "metrics.jsonl"
+        tmp = metrics.with_name(f".{metrics.name}.tmp-{os.getpid()}")
+        rows = earlier or [{"step": 0, "eval_loss": eval_before}]
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        os.replace(tmp, metrics)
+        with open(metrics, "a") as log:
+
+            def on_step(row: dict[str, float]) -> None:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                    bar.update()
+
+            while int(state.step) < args.steps:
+                step = int(state.step)
+                chunk = min(every - step % every, args.steps - step)
+                result = train.fit(trainer, state, batches, chunk, on_step=on_step, progress=False)
+                state = result.state
+                history += result.history
+                if ckpt is not None and (
+                    int(state.step) % every == 0 or int(state.step) == args.steps
+                ):
+                    ckpt.save(int(state.step), state, data_state=batches.state())
+            eval_after = trainer.evaluate(state, setup["eval_batches"])
+            log.write(json.dumps({"step": int(state.step), "eval_loss": eval_after}) + "\n")
+    finally:
+        if bar is not None:
+            bar.close()
+    print(
+        f"eval loss after:  {eval_after:.4f} ({eval_after - eval_before:+.4f} after "
+        f"{args.steps} steps)",
+        flush=True,
+    )
+    steady = [r["tokens_per_s"] for r in history[1:]] or [history[0]["tokens_per_s"]]
+    losses = [r["loss"] for r in earlier if "loss" in r] + [r["loss"] for r in history]
+    trainable = state.adapters if state.adapters is not None else state.params
+    summary = {
+        "args": {k: v for k, v in vars(args).items() if k != "command"},
+        "learning_rate": setup["learning_rate"],
+        "model_config": dataclasses.asdict(setup["model"].config),
+        "train_sequences": len(setup["train_set"]),
+        "eval_sequences": sum(len(b) for b in setup["eval_batches"]),
+        "eval_loss_before": eval_before,
+        "eval_loss_after": eval_after,
+        "train_loss_first": losses[0],
+        "train_loss_last": losses[-1],
+        "tokens_per_s": sorted(steady)[len(steady) // 2],
+        "optimizer_state_bytes": train.tree_bytes(state.opt_state),
+        "trainable_bytes": train.tree_bytes(trainable),
+        "memory": memory,
+        "wall_s": time.perf_counter() - start,
+    }
+    if args.resume:
+        summary["resumed_from_step"] = done
+    _export(args, setup, work, state)
+    _write_json(work / "summary.json", summary)
+    return summary
+
+
+def _export(args: argparse.Namespace, setup: dict[str, Any], work: Path, state: Any) -> None:
+    from lorajax import peft_format
+
+    if "peft" in args.export:
+        name = args.model or "HuggingFaceTB/SmolLM2-135M-Instruct"
+        peft_format.save_peft(work / "adapter", state.adapters, base_model_name_or_path=name)
+        print(f"wrote the PEFT adapter to {work / 'adapter'}", flush=True)
+    if "merged" in args.export:
+        model = setup["trainer"].model(state)  # adapters, if any, merged into the kernels
+        peft_format.save_merged(work / "model", model, tokenizer=setup["tokenizer"])
+        print(f"wrote the fine-tuned model to {work / 'model'}", flush=True)
 
 
 def finetune(args: argparse.Namespace) -> dict[str, Any]:
     """Runs ``lorajax finetune`` with parsed arguments and returns the summary."""
-    from lorajax import data, train
+    from lorajax import train
     from lorajax.models import ModelFileError
 
     try:
@@ -247,60 +484,19 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         flush=True,
     )
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        start = time.perf_counter()
-        state = trainer.init()
-        batches = data.BatchIterator(setup["train_set"], args.batch_size, seed=args.seed)
-        memory = trainer.memory(state, setup["train_set"].tokens[: args.batch_size])
-        eval_before = trainer.evaluate(state, setup["eval_batches"])
-        print(f"eval loss before: {eval_before:.4f}", flush=True)
-        with open(work / "metrics.jsonl", "w") as log:
-
-            def on_step(row: dict[str, float]) -> None:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-
-            log.write(json.dumps({"step": 0, "eval_loss": eval_before}) + "\n")
-            result = train.fit(
-                trainer, state, batches, args.steps, on_step=on_step, progress=args.progress
-            )
-            state = result.state
-            eval_after = trainer.evaluate(state, setup["eval_batches"])
-            log.write(json.dumps({"step": int(state.step), "eval_loss": eval_after}) + "\n")
-        print(
-            f"eval loss after:  {eval_after:.4f} ({eval_after - eval_before:+.4f} after "
-            f"{args.steps} steps)",
-            flush=True,
-        )
-        steady = [r["tokens_per_s"] for r in result.history[1:]] or [
-            result.history[0]["tokens_per_s"]
-        ]
-        trainable = state.adapters if state.adapters is not None else state.params
-        summary = {
-            "args": {k: v for k, v in vars(args).items() if k != "command"},
-            "learning_rate": setup["learning_rate"],
-            "model_config": dataclasses.asdict(setup["model"].config),
-            "train_sequences": len(setup["train_set"]),
-            "eval_sequences": sum(len(b) for b in setup["eval_batches"]),
-            "eval_loss_before": eval_before,
-            "eval_loss_after": eval_after,
-            "train_loss_first": result.history[0]["loss"],
-            "train_loss_last": result.history[-1]["loss"],
-            "tokens_per_s": sorted(steady)[len(steady) // 2],
-            "optimizer_state_bytes": train.tree_bytes(state.opt_state),
-            "trainable_bytes": train.tree_bytes(trainable),
-            "memory": memory,
-            "wall_s": time.perf_counter() - start,
-        }
-        _write_json(work / "summary.json", summary)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    if args.resume or args.save_every:
+        summary = _train_in_place(args, setup, out)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        try:
+            summary = _train(args, setup, work, trainer.init(), None, [])
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(work, out)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
     print(f"wrote {out}/metrics.jsonl and {out}/summary.json")
     return summary
 

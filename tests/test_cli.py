@@ -226,3 +226,38 @@ def test_a_failure_during_training_leaves_nothing(monkeypatch, tiny_model, corpu
     with pytest.raises(RuntimeError, match="preempted"):
         cli.main(base_argv(out, tiny_model, corpus))
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_export_peft_and_merged(tiny_model, corpus, tmp_path):
+    import jax
+    import numpy as np
+
+    from lorajax import adapters as lora_adapters
+    from lorajax import peft_format
+
+    out = tmp_path / "run"
+    argv = ["--method", "adapters", "--lr", "3e-2", "--export", "peft", "merged"]
+    assert finetune(out, tiny_model, corpus, *argv) == 0
+    assert (out / "adapter" / "adapter_config.json").exists()
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 16 and config["lora_alpha"] == 32
+    # The merged checkpoint is the base plus the exported adapters.
+    base = models.load_hf(tiny_model, scan_layers=True)
+    graphdef, params, rest = nnx.split(base, nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    adapters = peft_format.load_peft(out / "adapter", params)
+    assert any(
+        float(np.abs(x.b).max()) > 0
+        for x in jax.tree.leaves(adapters, is_leaf=lora_adapters.is_lora)
+        if lora_adapters.is_lora(x)
+    )
+    want = nnx.merge(graphdef, lora_adapters.merge(params, adapters), rest)
+    got, tokenizer = models.load(out / "model")
+    tokens = np.array([tokenizer.encode("the lazy dog")])
+    np.testing.assert_allclose(got(tokens), want(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_export_peft_needs_adapters(capsys, tiny_model, corpus, tmp_path):
+    out = tmp_path / "run"
+    argv = [*base_argv(out, tiny_model, corpus), "--method", "lora", "--export", "peft"]
+    expect_refusal(capsys, out, argv, "--export peft writes LoRA adapters")
