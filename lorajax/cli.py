@@ -191,7 +191,11 @@ _RESUME_KEYS = (
 
 
 def _run_config(args: argparse.Namespace) -> dict[str, Any]:
-    return {key: getattr(args, key) for key in _RESUME_KEYS}
+    """The run's settings, stored in every checkpoint's metadata and compared on resume."""
+    config = {key: getattr(args, key) for key in _RESUME_KEYS}
+    config["targets"] = "all-linear"  # what the low-rank methods and adapters train
+    config["scale"] = args.alpha / args.rank if args.method == "adapters" else None
+    return config
 
 
 def _check_resume(args: argparse.Namespace) -> None:
