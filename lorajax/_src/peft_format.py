@@ -42,8 +42,7 @@ import math
 import os
 import pathlib
 import re
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -54,6 +53,7 @@ from safetensors import safe_open
 
 from lorajax._src.adapters.merge import merge
 from lorajax._src.adapters.tree import LoRA, check_adapters_match, is_adapter_leaf
+from lorajax._src.files import write_atomic
 from lorajax._src.matrices import MatrixSpec
 from lorajax._src.targets import path_str
 
@@ -143,28 +143,6 @@ def _number(x: float) -> float | int:
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def _write_atomic(directory: pathlib.Path, writers: dict[str, Callable[[str], None]]) -> None:
-    """Writes every file under a temporary name in ``directory``, then renames them all."""
-    for name in writers:
-        if (directory / name).is_dir():
-            raise IsADirectoryError(
-                f"{directory / name}: is a directory, so the file cannot be written there; "
-                "remove it or pick another output directory."
-            )
-    temps: dict[str, str] = {}
-    try:
-        for name, write in writers.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-            os.close(fd)
-            temps[name] = tmp
-            write(tmp)
-        for name, tmp in temps.items():
-            os.replace(tmp, directory / name)
-    finally:
-        for tmp in temps.values():
-            pathlib.Path(tmp).unlink(missing_ok=True)
 
 
 def _output_dir(path: Any) -> pathlib.Path:
@@ -443,7 +421,7 @@ def save_peft(
     def write_config(tmp: str) -> None:
         pathlib.Path(tmp).write_text(config_text, encoding="utf-8")
 
-    _write_atomic(
+    write_atomic(
         directory, {ADAPTER_WEIGHTS_NAME: write_weights, ADAPTER_CONFIG_NAME: write_config}
     )
 

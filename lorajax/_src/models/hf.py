@@ -16,8 +16,6 @@ import json
 import math
 import os
 import pathlib
-import tempfile
-from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
@@ -26,6 +24,7 @@ import numpy as np
 import safetensors.numpy
 from safetensors import safe_open
 
+from lorajax._src.files import write_atomic
 from lorajax._src.models.config import LlamaConfig
 from lorajax._src.models.convert import hf_tensors_from_model, model_from_hf_tensors
 from lorajax._src.models.errors import ModelFileError
@@ -327,22 +326,6 @@ def load_hf(
     )
 
 
-def _write_atomic(directory: pathlib.Path, writers: dict[str, Callable[[str], None]]) -> None:
-    """Writes every file to a temporary name in ``directory``, then renames them all."""
-    temps: dict[str, str] = {}
-    try:
-        for name, write in writers.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-            os.close(fd)
-            temps[name] = tmp
-            write(tmp)
-        for name, tmp in temps.items():
-            os.replace(tmp, directory / name)
-    finally:
-        for tmp in temps.values():
-            pathlib.Path(tmp).unlink(missing_ok=True)
-
-
 def save_hf(model: Llama, path: str | os.PathLike, *, tokenizer: Any = None) -> None:
     """Writes a Hugging Face checkpoint directory: ``config.json`` + ``model.safetensors``.
 
@@ -404,6 +387,6 @@ def save_hf(model: Llama, path: str | os.PathLike, *, tokenizer: Any = None) -> 
     def write_weights(tmp: str) -> None:
         safetensors.numpy.save_file(tensors, tmp, metadata={"format": "pt"})
 
-    _write_atomic(directory, {WEIGHTS_NAME: write_weights, CONFIG_NAME: write_config})
+    write_atomic(directory, {WEIGHTS_NAME: write_weights, CONFIG_NAME: write_config})
     if tokenizer is not None:
         tokenizer.save(directory)
