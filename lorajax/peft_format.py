@@ -8,13 +8,9 @@
   directory that :func:`lorajax.models.load_hf` and ``transformers`` read.
 """
 
-from lorajax._src.peft_format import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
-    load_peft,
-    save_merged,
-    save_peft,
-)
+from lorajax._src.peft.names import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from lorajax._src.peft.read import load_peft
+from lorajax._src.peft.write import save_merged, save_peft
 
 __all__ = [
     "save_peft",

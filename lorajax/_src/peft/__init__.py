@@ -1,0 +1,1 @@
+"""Hugging Face PEFT adapter files: names and layout, writing, reading."""
