@@ -525,3 +525,138 @@ def test_errors():
     per_call.layers[0].einsum_str = None  # given at call time instead
     with pytest.raises(ValueError, match="no einsum_str of its own"):
         lorajax.nnx.add_lora(per_call, rank=1, targets=None)
+
+
+# Scanned Llama: every decoder-layer leaf is stacked on a leading layer axis.
+LLAMA_LAYER_LINEARS = [
+    "self_attn/q_proj",
+    "self_attn/k_proj",
+    "self_attn/v_proj",
+    "self_attn/o_proj",
+    "mlp/gate_proj",
+    "mlp/up_proj",
+    "mlp/down_proj",
+]
+
+
+def tiny_llama(scan_layers, seed=0):
+    config = lorajax.models.LlamaConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return lorajax.models.Llama(config, rngs=nnx.Rngs(seed), scan_layers=scan_layers)
+
+
+def llama_tokens(seed=3):
+    return jax.random.randint(jax.random.key(seed), (2, 5), 0, 61)
+
+
+def scanned_with_random_adapters():
+    """A scanned tiny Llama with random nonzero adapters, and the unscanned twin."""
+    scanned = lorajax.nnx.add_lora(tiny_llama(True), rank=2, alpha=6)
+    for i, name in enumerate(LLAMA_LAYER_LINEARS):
+        layer = get(scanned.model.layers, name + "/kernel")
+        ka, kb = jax.random.split(jax.random.key(10 + i))
+        layer.lora_a.set_value(0.3 * jax.random.normal(ka, layer.lora_a.shape))
+        layer.lora_b.set_value(0.3 * jax.random.normal(kb, layer.lora_b.shape))
+    return scanned
+
+
+def test_scanned_llama_adapters_match_the_unscanned_model():
+    tokens = llama_tokens()
+    scanned = tiny_llama(True)
+    y0 = scanned(tokens)
+    lorajax.nnx.add_lora(scanned, rank=2, alpha=6)
+    for name in LLAMA_LAYER_LINEARS:
+        layer = get(scanned.model.layers, name + "/kernel")
+        assert isinstance(layer, LoRALayer)
+        n, m = layer.base.kernel.get_value().shape[1:]
+        assert layer.lora_a.shape == (2, n, 2) and layer.lora_b.shape == (2, 2, m)
+    np.testing.assert_array_equal(np.asarray(scanned(tokens)), np.asarray(y0))
+
+    scanned = scanned_with_random_adapters()
+    unscanned = lorajax.nnx.add_lora(tiny_llama(False), rank=2, alpha=6)
+    for i, block in enumerate(unscanned.model.layers):
+        for name in LLAMA_LAYER_LINEARS:
+            stacked = get(scanned.model.layers, name + "/kernel")
+            layer = get(block, name + "/kernel")
+            # Same seed, same weights: the stack's slice i is layer i.
+            np.testing.assert_array_equal(
+                np.asarray(layer.base.kernel.get_value()),
+                np.asarray(stacked.base.kernel.get_value()[i]),
+            )
+            layer.lora_a.set_value(stacked.lora_a.get_value()[i])
+            layer.lora_b.set_value(stacked.lora_b.get_value()[i])
+    y = scanned(tokens)
+    assert not np.allclose(np.asarray(y), np.asarray(y0), atol=1e-3)
+    close(y, unscanned(tokens))
+    close(nnx.jit(lambda m, t: m(t))(scanned, tokens), y)
+
+
+def test_scanned_llama_merge_folds_each_layer():
+    tokens = llama_tokens()
+    model = scanned_with_random_adapters()
+    y = model(tokens)
+    w0 = {n: np.asarray(get(model.model.layers, n + "/kernel").base.kernel.get_value(), np.float64)
+          for n in LLAMA_LAYER_LINEARS}  # fmt: skip
+    factors = {}
+    for name in LLAMA_LAYER_LINEARS:
+        layer = get(model.model.layers, name + "/kernel")
+        a, b = (np.asarray(v.get_value(), np.float64) for v in (layer.lora_a, layer.lora_b))
+        factors[name] = (a, b, layer.scale)
+    lorajax.nnx.merge_lora(model)
+    assert len(nnx.state(model, nnx.LoRAParam)) == 0
+    for name, (a, b, s) in factors.items():
+        layer = get(model.model.layers, name + "/kernel")
+        assert type(layer) is nnx.Linear
+        want = np.stack([w0[name][i] + s * a[i] @ b[i] for i in range(2)])
+        close(layer.kernel.get_value(), want)
+    close(model(tokens), y)
+
+
+def test_scanned_llama_trains_only_lora_params():
+    model = lorajax.nnx.add_lora(tiny_llama(True), rank=2, alpha=4)
+    tokens = llama_tokens()
+    targets = jax.random.randint(jax.random.key(4), tokens.shape, 0, 61)
+
+    def loss(m):
+        logits = m(tokens)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
+
+    @nnx.jit
+    def step(model, optimizer):
+        value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+        optimizer.update(model, grads)
+        return value
+
+    before = flat_state(model)
+    first = step(model, optimizer)
+    after = flat_state(model)
+    assert float(loss(model)) < float(first)
+    assert before.keys() == after.keys()
+    moved = []
+    for name, (kind, value) in before.items():
+        if issubclass(kind, nnx.LoRAParam):
+            if not np.array_equal(value, after[name][1]):
+                moved.append(name)
+        else:
+            np.testing.assert_array_equal(value, after[name][1], err_msg=name)
+    # b starts at zero, so only b gets a gradient on the first step; every b moves.
+    assert sorted(moved) == sorted(f"model/layers/{n}/lora_b" for n in LLAMA_LAYER_LINEARS)
+
+
+def test_stacked_linear_adapter_needs_a_slice():
+    model = lorajax.nnx.add_lora(tiny_llama(True), rank=1)
+    layer = model.model.layers.mlp.up_proj
+    with pytest.raises(ValueError, match="call it on one layer's slice"):
+        layer(jnp.ones((2, 32)))
+    flat = nnx.Sequential(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+    flat.layers[0].kernel.set_value(jnp.zeros((4,)))
+    with pytest.raises(ValueError, match="has a kernel with 1 axes"):
+        layer_spec(flat.layers[0], "layers/0")

@@ -80,7 +80,9 @@ def _einsum_roles(einsum_str: str, kernel_ndim: int, where: str) -> MatrixSpec:
 def layer_spec(layer: nnx.Module, where: str = "") -> MatrixSpec:
     """How the kernel of a supported layer is read as a (batch of) matrices.
 
-    - ``nnx.Linear``: ``(n, m)`` as is.
+    - ``nnx.Linear``: ``(n, m)`` as is. A kernel with extra leading axes, e.g.
+      ``(L, n, m)`` for layers stacked to run under ``jax.lax.scan``, gets one matrix per
+      index of those axes (they are batch axes).
     - ``nnx.LinearGeneral``: kernel ``(*batch, *in_features, *out_features)``; the
       ``batch_axis`` axes index independent matrices.
     - ``nnx.Einsum``: from the equation: kernel axes contracted with the input are the
@@ -95,9 +97,14 @@ def layer_spec(layer: nnx.Module, where: str = "") -> MatrixSpec:
         The layer's :class:`~lorajax.MatrixSpec`.
 
     Examples:
+        >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> from lorajax._src.nnx_layer import layer_spec
         >>> layer_spec(nnx.Einsum("bnd,ndh->bnh", (2, 8, 4), rngs=nnx.Rngs(0)))
+        MatrixSpec(in_axes=1, out_axes=2, batch_axes=(0,))
+        >>> stacked = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+        >>> stacked.kernel.set_value(jnp.zeros((2, 4, 3)))  # two layers, stacked
+        >>> layer_spec(stacked)
         MatrixSpec(in_axes=1, out_axes=2, batch_axes=(0,))
     """
     if isinstance(layer, nnx.Einsum):
@@ -113,7 +120,13 @@ def layer_spec(layer: nnx.Module, where: str = "") -> MatrixSpec:
         ndim = nb + ni + len(layer.out_features)
         return MatrixSpec(tuple(range(nb, nb + ni)), tuple(range(nb + ni, ndim)), tuple(range(nb)))
     if isinstance(layer, nnx.Linear):
-        return MatrixSpec(0, 1)
+        ndim = layer.kernel.get_value().ndim
+        if ndim < 2:
+            raise ValueError(
+                f"The nnx.Linear at {where!r} has a kernel with {ndim} axes; add_lora needs "
+                "(*batch, d_in, d_out)."
+            )
+        return MatrixSpec(ndim - 2, ndim - 1, tuple(range(ndim - 2)))
     raise TypeError(
         f"add_lora cannot adapt the {type(layer).__name__} at {where!r}; it supports "
         f"{', '.join('nnx.' + t.__name__ for t in SUPPORTED)}."
@@ -138,7 +151,9 @@ class LoRALayer(nnx.Module):
     Built by :func:`add_lora`; the original layer is kept as ``base`` with its kernel,
     bias, metadata and dtype behaviour unchanged.
 
-    - ``nnx.Linear``: the adapter path is ``s·((x a) b)``, never forming ``a b``.
+    - ``nnx.Linear``: the adapter path is ``s·((x a) b)``, never forming ``a b``. For a
+      stacked kernel ``(L, n, m)`` (layers run under ``jax.lax.scan``) the factors are
+      ``(L, n, r)`` and ``(L, r, m)``, and the layer is called on one layer's slice.
     - ``nnx.LinearGeneral`` and ``nnx.Einsum``: the adapter path forms the kernel-shaped
       ``Δ = s·from_matrix(a b)`` on every call and contracts ``x`` with it as the layer
       contracts its kernel (same axes, same equation).
@@ -215,6 +230,13 @@ class LoRALayer(nnx.Module):
             The base output plus the adapter output, in the base output's dtype.
         """
         base = self.base
+        linear = not isinstance(base, nnx.LinearGeneral | nnx.Einsum)
+        if linear and (self.lora_a.get_value().ndim != 2 or self.lora_b.get_value().ndim != 2):
+            raise ValueError(
+                f"This adapted nnx.Linear holds stacked factors a {self.lora_a.shape} and b "
+                f"{self.lora_b.shape} (one adapter per layer of a stacked kernel); call it on "
+                "one layer's slice, e.g. inside the jax.lax.scan over the stacked state."
+            )
         y = base(inputs, *args, **kwargs)
         einsum_str = None
         if isinstance(base, nnx.Einsum):
@@ -237,10 +259,12 @@ class LoRALayer(nnx.Module):
                 dtype = jnp.result_type(inputs, a, b)
         x, a, b = base.promote_dtype((inputs, a, b), dtype=dtype)
         prec = base.precision
-        if isinstance(base, nnx.LinearGeneral | nnx.Einsum):
+        if not linear:
             dw = self.layout.from_matrix(self.scale * jnp.matmul(a, b, precision=prec))
             delta = _contract(base, x, dw, einsum_str, kw)
         else:
+            # Only the arrays' own shapes are used, so a slice taken from stacked layers
+            # (whose static layout still describes the stack) runs as a plain layer.
             last = (((x.ndim - 1,), (0,)), ((), ()))
             h = self.scale * jax.lax.dot_general(x, a, last, precision=prec)
             delta = jax.lax.dot_general(h, b, last, precision=prec, **kw)
