@@ -60,11 +60,10 @@ def build_model(args):
 def make_trainer(model, method, rank, donate):
     lr = train.default_learning_rate(method, model.config.hidden_size)
     tx = train.make_optimizer(method, learning_rate=lr, rank=rank)
-    trainer = train.Trainer(model, tx, donate=donate)
+    ad, base = None, None
     if method == "adapters":
-        ad, base = train.init_adapters(jax.random.key(0), trainer.params, rank=rank)
-        trainer = train.Trainer(model, tx, adapters=ad, params=base, donate=donate)
-    return trainer
+        ad, base = train.init_adapters(jax.random.key(0), model, rank=rank)
+    return train.Trainer(model, tx, adapters=ad, params=base, donate=donate)
 
 
 def main():

@@ -308,12 +308,11 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     )
     import jax
 
-    trainer = train.Trainer(model, tx)
+    adapters, base = None, None
     if args.method == "adapters":
-        adapters, base = train.init_adapters(
-            jax.random.key(args.seed), trainer.params, rank=args.rank, alpha=args.alpha
-        )
-        trainer = train.Trainer(model, tx, adapters=adapters, params=base)
+        key = jax.random.key(args.seed)
+        adapters, base = train.init_adapters(key, model, rank=args.rank, alpha=args.alpha)
+    trainer = train.Trainer(model, tx, adapters=adapters, params=base)
     eval_rows = min(len(eval_set), args.eval_batches * args.batch_size)
     eval_batches = data.eval_batches(
         data.PackedDataset(eval_set.tokens[:eval_rows]), args.batch_size

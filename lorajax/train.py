@@ -53,6 +53,7 @@ from jaxtyping import Array, Int
 
 import lorajax
 from lorajax import adapters as lora_adapters
+from lorajax._src.checks import static_int
 from lorajax._src.targets import resolve_targets
 
 __all__ = [
@@ -84,13 +85,10 @@ def _check_method(method: Any) -> str:
     return method
 
 
-def _check_positive(name: str, value: Any, kind: type = int) -> None:
-    ok = isinstance(value, kind) and not isinstance(value, bool) and value > 0
-    if kind is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
-        ok = ok and math.isfinite(value)
-    if not ok:
-        raise ValueError(f"`{name}` must be a positive {kind.__name__}, got {value!r}.")
+def _check_positive_float(name: str, value: Any) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+    if not (ok and math.isfinite(value)):
+        raise ValueError(f"`{name}` must be a positive float, got {value!r}.")
 
 
 def default_learning_rate(method: str, hidden_size: int) -> float:
@@ -122,7 +120,7 @@ def default_learning_rate(method: str, hidden_size: int) -> float:
         https://thinkingmachines.ai/blog/lora/
     """
     _check_method(method)
-    _check_positive("hidden_size", hidden_size)
+    static_int(hidden_size, "hidden_size")
     return 5e-5 * _LR_MULTIPLIER[method] * (2000.0 / hidden_size) ** 0.781
 
 
@@ -192,14 +190,14 @@ def make_optimizer(
         0.0
     """
     _check_method(method)
-    _check_positive("rank", rank)
+    static_int(rank, "rank")
     if not callable(learning_rate):
-        _check_positive("learning_rate", learning_rate, float)
+        _check_positive_float("learning_rate", learning_rate)
     if not isinstance(weight_decay, int | float) or weight_decay < 0:
         raise ValueError(f"`weight_decay` must be a float >= 0, got {weight_decay!r}.")
     if refresh_every is not None:
-        _check_positive("refresh_every", refresh_every)
-    _check_positive("lora_plus_ratio", lora_plus_ratio, float)
+        static_int(refresh_every, "refresh_every")
+    _check_positive_float("lora_plus_ratio", lora_plus_ratio)
     if lora_pro and method != "adapters":
         raise ValueError(
             f"`lora_pro` applies to method='adapters', got method={method!r}; "
@@ -274,7 +272,8 @@ def init_adapters(
 
     Args:
         key: A PRNG key.
-        params: The model params (e.g. :attr:`Trainer.params`).
+        params: The model params (e.g. :attr:`Trainer.params`), or the NNX model itself
+            (its ``nnx.Param`` values are taken).
         rank: Adapter rank.
         alpha: LoRA alpha.
         targets: Which matrices get adapters.
@@ -292,6 +291,8 @@ def init_adapters(
         >>> lora.a.shape, lora.b.shape, lora.scale
         ((16, 4), (4, 8), 8.0)
     """
+    if isinstance(params, nnx.Module):
+        params = nnx.to_pure_dict(nnx.state(params, nnx.Param))
     return lora_adapters.init(key, params, rank=rank, alpha=alpha, targets=targets, init=init)
 
 
@@ -459,14 +460,14 @@ class Trainer:
         return TrainState(params, adapters, self.tx.init(trainable), jnp.zeros((), jnp.int32))
 
     def _step_fn(self, state: TrainState, tokens: jax.Array) -> tuple[TrainState, dict]:
-        frozen_adapters = state.adapters is not None
-        trainable = state.adapters if frozen_adapters else state.params
+        with_adapters = state.adapters is not None
+        trainable = state.adapters if with_adapters else state.params
         loss, grads = jax.value_and_grad(self._loss)(trainable, state.params, tokens)
         updates, opt_state = self.tx.update(grads, state.opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         new = TrainState(
-            state.params if frozen_adapters else trainable,
-            trainable if frozen_adapters else None,
+            state.params if with_adapters else trainable,
+            trainable if with_adapters else None,
             opt_state,
             state.step + 1,
         )
@@ -631,7 +632,7 @@ def fit(
         >>> [row["step"] for row in result.history]
         [1, 2, 3]
     """
-    _check_positive("steps", steps)
+    static_int(steps, "steps")
     bar = None
     if progress:
         from tqdm.auto import tqdm
