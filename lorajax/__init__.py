@@ -31,7 +31,7 @@ from lorajax._src.targets import PRESETS, resolve_targets
 __version__ = "0.1.0"
 
 
-_LAZY = ("nnx", "models", "data", "train", "checkpoint", "peft_format")
+_LAZY = ("nnx", "models", "data", "train", "checkpoint", "peft_format", "sharding")
 
 
 def __getattr__(name: str):
@@ -66,6 +66,8 @@ __all__ = [
     # persistence and interop
     "checkpoint",
     "peft_format",
+    # scaling out
+    "sharding",
     # matrices and targets
     "MatrixSpec",
     "MatrixLayout",

@@ -47,12 +47,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Int
 
 import lorajax
 from lorajax import adapters as lora_adapters
+from lorajax import sharding
 from lorajax._src.checks import static_int
 from lorajax._src.targets import resolve_targets
 
@@ -366,9 +367,20 @@ class Trainer:
     :class:`TrainState` and the batch. A batch is ``(batch, seq + 1)`` token ids: the
     model reads ``[:, :-1]`` and predicts ``[:, 1:]``.
 
-    With a ``mesh``, the batch is split over ``data_axes`` (by default every mesh axis)
-    and the state is replicated: data parallelism. Both Explicit and Auto axis types
-    work.
+    With a ``mesh`` and no ``rules``, the batch is split over ``data_axes`` (by default
+    every mesh axis) and the state is replicated: data parallelism. With ``rules`` (e.g.
+    :data:`lorajax.sharding.LLAMA_RULES`), every param is sharded by its rule, the
+    adapters and every optimizer-state leaf by the layout derived from it
+    (:func:`lorajax.sharding.state_shardings`), and the batch is split over the ``data``
+    and ``fsdp`` axes: FSDP and tensor parallelism. The compiled step takes and returns
+    the state with exactly these shardings (:attr:`shardings`). Both Explicit and Auto
+    axis types work; on an Explicit mesh the model's forward and backward pass run with
+    the compiler choosing the layout of activations, and the optimizer update with the
+    layouts lorajax states.
+
+    In a multi-process run (``jax.distributed``), every process builds the Trainer with
+    the same model and mesh, and passes its own rows of each batch (e.g. from a
+    :class:`lorajax.data.BatchIterator` with ``shard_index=jax.process_index()``).
 
     Args:
         model: A Flax NNX module mapping ``(batch, seq)`` token ids to logits.
@@ -378,13 +390,17 @@ class Trainer:
             the base params :func:`init_adapters` returned (PiSSA-like inits change
             them).
         params: The params to start from (default: the model's own).
-        mesh: An optional ``jax.sharding.Mesh``.
-        data_axes: Mesh axes the batch dimension is split over.
+        mesh: An optional ``jax.sharding.Mesh`` (see :func:`lorajax.sharding.make_mesh`).
+        rules: Partition rules for the params (``(regex, PartitionSpec)`` pairs); needs
+            a ``mesh``. ``None`` replicates the state.
+        data_axes: Mesh axes the batch dimension is split over (default: every axis
+            without ``rules``, the ``data`` and ``fsdp`` axes with them).
         donate: Donate the state to the step (update in place).
 
     Attributes:
         params: The model's params as a nested dict.
         graphdef: The model's static graph.
+        shardings: A :class:`TrainState` of ``NamedSharding`` (``None`` without a mesh).
 
     Examples:
         >>> import numpy as np, optax
@@ -411,6 +427,7 @@ class Trainer:
         adapters: Any = None,
         params: Any = None,
         mesh: jax.sharding.Mesh | None = None,
+        rules: sharding.Rules | None = None,
         data_axes: str | Sequence[str] | None = None,
         donate: bool = False,
     ) -> None:
@@ -422,27 +439,61 @@ class Trainer:
         self.adapters = adapters
         if adapters is not None:
             jax.eval_shape(lora_adapters.merge, self.params, adapters)  # checks, computes nothing
+        if rules is not None and mesh is None:
+            raise ValueError("`rules` shard params over a mesh: pass `mesh` as well.")
         self.mesh = mesh
+        self.rules = rules
+        self.shardings: TrainState | None = None
+        self._explicit = False
+        self._data_axes: tuple[str, ...] = ()
+        self._data_size = 1
+        jit_shardings: dict[str, Any] = {}
         if mesh is not None:
-            axes = tuple(mesh.axis_names) if data_axes is None else data_axes
-            axes = (axes,) if isinstance(axes, str) else tuple(axes)
-            unknown = [a for a in axes if a not in mesh.axis_names]
-            if unknown:
-                raise ValueError(
-                    f"`data_axes` {unknown} are not axes of the mesh {tuple(mesh.axis_names)}."
-                )
-            self._data_axes = axes
-            self._replicated = NamedSharding(mesh, P())
-            self._batch_sharding = NamedSharding(mesh, P(axes))
-            self._data_size = math.prod(mesh.shape[a] for a in axes)
-        else:
-            self._data_axes = ()
-            self._data_size = 1
+            self._setup_mesh(mesh, rules, data_axes)
+            batch = sharding.batch_sharding(mesh, self._data_axes)
+            jit_shardings = {
+                "in_shardings": (self.shardings, batch),
+                "out_shardings": (self.shardings, self._replicated),
+            }
         donate_args = (0,) if donate else ()
-        self._step = jax.jit(self._step_fn, donate_argnums=donate_args)
+        self._step = jax.jit(self._step_fn, donate_argnums=donate_args, **jit_shardings)
         self._compiled: dict[Any, Any] = {}
-        self._eval = jax.jit(self._eval_fn)
-        self._init = jax.jit(self._init_fn)
+        self._eval = jax.jit(self._eval_fn, **jit_shardings)
+        self._init = jax.jit(
+            self._init_fn, out_shardings=self.shardings if mesh is not None else None
+        )
+
+    def _setup_mesh(
+        self, mesh: jax.sharding.Mesh, rules: Any, data_axes: str | Sequence[str] | None
+    ) -> None:
+        if data_axes is None:
+            axes = tuple(mesh.axis_names) if rules is None else sharding.batch_axes(mesh)
+        else:
+            axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
+        unknown = [a for a in axes if a not in mesh.axis_names]
+        if unknown:
+            raise ValueError(
+                f"`data_axes` {unknown} are not axes of the mesh {tuple(mesh.axis_names)}."
+            )
+        self._data_axes = axes
+        self._data_size = math.prod(mesh.shape[a] for a in axes)
+        self._replicated = NamedSharding(mesh, P())
+        self._explicit = rules is not None and AxisType.Explicit in mesh.axis_types
+        trainable = self.params if self.adapters is None else self.adapters
+        if rules is None:
+            replicate = lambda tree: jax.tree.map(lambda _: self._replicated, tree)  # noqa: E731
+            param_sh = replicate(self.params)
+            adapter_sh = replicate(self.adapters)
+        else:
+            specs = sharding.param_specs(self.params, rules, mesh=mesh)
+            param_sh = sharding.to_shardings(specs, mesh)
+            adapter_sh = None
+            if self.adapters is not None:
+                adapter_specs = sharding.adapter_specs(self.adapters, specs)
+                adapter_sh = sharding.to_shardings(adapter_specs, mesh)
+        trainable_sh = param_sh if self.adapters is None else adapter_sh
+        opt_sh = sharding.state_shardings(self.tx, trainable, trainable_sh)
+        self.shardings = TrainState(param_sh, adapter_sh, opt_sh, self._replicated)
 
     # -- pure functions -------------------------------------------------------------
 
@@ -455,6 +506,11 @@ class Trainer:
         total, count = next_token_loss(self._forward(params, tokens[:, :-1]), tokens)
         return total / count
 
+    def _auto(self, fn: Callable[..., Any], out: Any) -> Callable[..., Any]:
+        # Sharded weights on an Explicit mesh: the model itself states no layouts, so it
+        # runs with the compiler choosing them (its inputs and outputs keep theirs).
+        return jax.sharding.auto_axes(fn, out_sharding=out) if self._explicit else fn
+
     def _init_fn(self, params: Any, adapters: Any) -> TrainState:
         trainable = params if adapters is None else adapters
         return TrainState(params, adapters, self.tx.init(trainable), jnp.zeros((), jnp.int32))
@@ -462,7 +518,8 @@ class Trainer:
     def _step_fn(self, state: TrainState, tokens: jax.Array) -> tuple[TrainState, dict]:
         with_adapters = state.adapters is not None
         trainable = state.adapters if with_adapters else state.params
-        loss, grads = jax.value_and_grad(self._loss)(trainable, state.params, tokens)
+        loss_fn = self._auto(self._loss, P())
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, state.params, tokens)
         updates, opt_state = self.tx.update(grads, state.opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         new = TrainState(
@@ -474,38 +531,48 @@ class Trainer:
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     def _eval_fn(self, state: TrainState, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-        params = state.params
-        if state.adapters is not None:
-            params = lora_adapters.merge(params, state.adapters)
-        return next_token_loss(self._forward(params, tokens[:, :-1]), tokens)
+        def losses(params: Any, adapters: Any, tokens: jax.Array) -> Any:
+            if adapters is not None:
+                params = lora_adapters.merge(params, adapters)
+            return next_token_loss(self._forward(params, tokens[:, :-1]), tokens)
+
+        return self._auto(losses, (P(), P()))(state.params, state.adapters, tokens)
 
     # -- public ---------------------------------------------------------------------
 
-    def _place_state(self, tree: Any) -> Any:
-        if self.mesh is None:
+    def _place_state(self, tree: Any, shardings: Any) -> Any:
+        if self.mesh is None or tree is None:
             return tree
-        return jax.device_put(tree, self._replicated)
+        return sharding.place(tree, shardings)
 
     def place_batch(self, batch: Any) -> jax.Array:
         """Puts a host batch of token ids on the devices (split over the data axes).
 
+        In a multi-process run, ``batch`` is this process's rows of the global batch.
+
         Raises:
             ValueError: If the batch is not 2-D or not divisible over the data axes.
         """
-        batch = jnp.asarray(batch) if not isinstance(batch, jax.Array) else batch
+        if not isinstance(batch, jax.Array):
+            batch = np.asarray(batch) if self.mesh is not None else jnp.asarray(batch)
         if batch.ndim != 2 or batch.shape[1] < 2:
             raise ValueError(
                 f"A batch must be (batch, seq + 1) token ids with seq >= 1, got shape "
                 f"{tuple(batch.shape)}."
             )
-        if batch.shape[0] % self._data_size:
+        processes = jax.process_count() if self.mesh is not None else 1
+        rows = batch.shape[0] * processes
+        if rows % self._data_size:
             raise ValueError(
-                f"The batch size {batch.shape[0]} must be divisible by the "
+                f"The batch size {rows} must be divisible by the "
                 f"{self._data_size} devices of the data axes {self._data_axes}."
             )
         if self.mesh is None:
             return batch
-        return jax.device_put(batch, self._batch_sharding)
+        batch_sharding = sharding.batch_sharding(self.mesh, self._data_axes)
+        if processes > 1:  # this process's rows of the global batch
+            return jax.make_array_from_process_local_data(batch_sharding, np.asarray(batch))
+        return jax.device_put(batch, batch_sharding)
 
     def _context(self):
         if self.mesh is None:
@@ -522,8 +589,9 @@ class Trainer:
     def init(self) -> TrainState:
         """The initial state: the params, the adapters and a fresh optimizer state."""
         with self._context():
-            params = self._place_state(self.params)
-            adapters = self._place_state(self.adapters)
+            shardings = self.shardings or TrainState(None, None, None, None)
+            params = self._place_state(self.params, shardings.params)
+            adapters = self._place_state(self.adapters, shardings.adapters)
             return self._init(params, adapters)
 
     def step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:

@@ -6,6 +6,7 @@ import tomllib
 from pathlib import Path
 
 import lorajax
+from jax.sharding import PartitionSpec as P
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,13 +117,23 @@ def test_model_data_and_train_modules_are_documented():
     import lorajax.data
     import lorajax.models
     import lorajax.peft_format
+    import lorajax.sharding
     import lorajax.train
 
     modules = (lorajax.models, lorajax.data, lorajax.train, lorajax.checkpoint, lorajax.peft_format)
+    modules += (lorajax.sharding,)
     for module in modules:
         assert len(module.__all__) == len(set(module.__all__))
         assert inspect.getdoc(module), module.__name__
         for name, obj in _public(module):
+            if name == "lorajax.sharding.LLAMA_RULES":  # (regex, PartitionSpec) pairs
+                assert all(isinstance(p, str) and isinstance(s, P) for p, s in obj)
+                continue
+            if name == "lorajax.sharding.AXIS_TYPES":
+                assert set(obj) == {"explicit", "auto"}
+                continue
+            if name == "lorajax.sharding.Rules":  # a type alias
+                continue
             if isinstance(obj, tuple | str):  # METHODS, TEXT_SUFFIXES, file names
                 assert obj and all(isinstance(v, str) for v in obj)
                 continue

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float
 
@@ -111,9 +112,11 @@ def grouped_normals(key: jax.Array, requests: Sequence[Request]) -> list[jax.Arr
         The blocks, in the order of ``requests``. They are a deterministic function of
         ``key`` and of the whole list of requests.
     """
+    # Offsets depend on shapes, dtypes and kinds only, so the values do not change with
+    # the layouts asked for (a sharded run draws exactly what an unsharded one does).
     groups: dict[tuple, list[int]] = {}
-    for position, (shape, dtype, spec, kind) in enumerate(requests):
-        groups.setdefault((tuple(shape), jnp.dtype(dtype), spec, kind), []).append(position)
+    for position, (shape, dtype, _, kind) in enumerate(requests):
+        groups.setdefault((tuple(shape), jnp.dtype(dtype), kind), []).append(position)
     sizes = [len(members) * math.prod(group[0]) for group, members in groups.items()]
     out: list[Any] = [None] * len(requests)
     if not sizes:
@@ -121,17 +124,22 @@ def grouped_normals(key: jax.Array, requests: Sequence[Request]) -> list[jax.Arr
     # A 1-D draw compiles far faster than a stacked N-D one on XLA:CPU.
     flat = jax.random.normal(jax.random.wrap_key_data(key), (sum(sizes),), jnp.float32)
     offset = 0
-    for ((shape, dtype, spec, kind), members), size in zip(groups.items(), sizes):
+    for ((shape, dtype, kind), members), size in zip(groups.items(), sizes):
         block = flat[offset : offset + size].reshape(len(members), *shape).astype(dtype)
         offset += size
-        if spec is not None:
-            block = jax.sharding.reshard(block, P(None, *spec))
-        if kind == "orthonormal":
-            block = polar_orthonormalize(block)
-        elif kind == "basis":
-            block = block * jnp.asarray(shape[-1] ** -0.5, dtype)
+        by_spec: dict[Any, list[int]] = {}
         for j, position in enumerate(members):
-            out[position] = block[j]
+            by_spec.setdefault(requests[position][2], []).append(j)
+        for spec, rows in by_spec.items():
+            part = block if len(rows) == len(members) else block[np.asarray(rows)]
+            if spec is not None:
+                part = jax.sharding.reshard(part, P(None, *spec))
+            if kind == "orthonormal":
+                part = polar_orthonormalize(part)
+            elif kind == "basis":
+                part = part * jnp.asarray(shape[-1] ** -0.5, dtype)
+            for i, j in enumerate(rows):
+                out[members[j]] = part[i]
     return out
 
 
