@@ -5,8 +5,9 @@ import re
 import tomllib
 from pathlib import Path
 
-import lorajax
 from jax.sharding import PartitionSpec as P
+
+import lorajax
 
 ROOT = Path(__file__).resolve().parent.parent
 

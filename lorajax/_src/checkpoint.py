@@ -1,16 +1,21 @@
-"""Orbax checkpoints of a train state, a data position and adapters, restorable on any mesh."""
+"""Orbax checkpoints of a train state, a data position and adapters, restorable on any mesh.
+
+Directories are local paths or bucket URIs such as ``gs://bucket/run``: paths go through
+``etils.epath`` as Orbax's own do (``gs://`` needs ``gcsfs``, or TensorFlow, installed).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import Sharding, SingleDeviceSharding
 
 __all__ = [
@@ -24,6 +29,15 @@ __all__ = [
 _ITEMS = ("state", "data", "metadata")
 _ADAPTER_ITEMS = ("adapters", "metadata")
 _FORMAT = 1
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _directory(path: str | os.PathLike) -> epath.Path:
+    """``path`` as an ``epath.Path``: absolute when local, a bucket URI (``gs://``) as is."""
+    text = os.fspath(path)
+    if _URI.match(text):
+        return epath.Path(text)
+    return epath.Path(text).absolute()
 
 
 class CheckpointError(ValueError):
@@ -244,7 +258,7 @@ def _metadata(step: int | None, config: Mapping[str, Any] | None, manifest: Any)
     }
 
 
-def _read_json(path: Path, where: str) -> Any:
+def _read_json(path: epath.Path, where: str) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -254,12 +268,12 @@ def _read_json(path: Path, where: str) -> Any:
         ) from None
 
 
-def _item_file(step_dir: Path, item: str) -> Path:
+def _item_file(step_dir: epath.Path, item: str) -> epath.Path:
     """The JSON file Orbax's JsonSave writes for ``item`` (``<item>/metadata``)."""
     return step_dir / item / "metadata"
 
 
-def _check_items(where: str, step_dir: Path, items: tuple[str, ...]) -> None:
+def _check_items(where: str, step_dir: epath.Path, items: tuple[str, ...]) -> None:
     missing = [item for item in items if not (step_dir / item).is_dir()]
     if missing:
         raise CheckpointError(
@@ -296,7 +310,9 @@ class Checkpointer:
     :class:`CheckpointError` naming the step.
 
     Args:
-        directory: The checkpoint directory (created by the first save).
+        directory: The checkpoint directory (created by the first save): a local path
+            or a bucket URI such as ``gs://bucket/run``. In a multi-process run every
+            process passes the same directory, on storage they all reach.
         max_to_keep: Keep only the last ``max_to_keep`` checkpoints (``None``: all).
         async_save: Write in a background thread; :meth:`wait` waits for it.
         config: JSON-serialisable settings stored with every checkpoint and compared on
@@ -328,7 +344,7 @@ class Checkpointer:
             raise ValueError(f"`max_to_keep` must be a positive int or None, got {max_to_keep!r}.")
         if config is not None and not isinstance(config, Mapping):
             raise ValueError(f"`config` must be a mapping or None, got {config!r}.")
-        self.directory = Path(directory).absolute()
+        self.directory = _directory(directory)
         if self.directory.exists() and not self.directory.is_dir():
             raise ValueError(f"`directory` {str(directory)!r} exists and is not a directory.")
         self.config = _jsonable(dict(config or {}))
@@ -560,7 +576,7 @@ def save_adapters(
     rank, DoRA) are stored with the arrays and checked on restore.
 
     Args:
-        path: The directory to create; it must not exist.
+        path: The directory to create (a local path or a bucket URI); it must not exist.
         adapters: A tree of ``LoRA`` nodes (and ``None``), or any pytree of arrays.
         config: JSON-serialisable settings stored in the metadata.
 
@@ -582,7 +598,7 @@ def save_adapters(
         >>> bool((back["dense"]["kernel"].a == ad["dense"]["kernel"].a).all())
         True
     """
-    path = Path(path).absolute()
+    path = _directory(path)
     if path.exists():
         raise ValueError(f"`path` {str(path)!r} exists; choose a new directory or delete it first.")
     paths, leaves, _ = _flatten(adapters)
@@ -614,7 +630,7 @@ def restore_adapters(path: str | os.PathLike, target: Any) -> tuple[Any, dict[st
         CheckpointError: A missing or damaged directory, or a target whose structure,
             shapes or LoRA settings (scale, alpha, rank) differ.
     """
-    path = Path(path).absolute()
+    path = _directory(path)
     where = f"Adapter checkpoint {str(path)!r}"
     if not path.is_dir():
         raise CheckpointError(

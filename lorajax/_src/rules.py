@@ -111,7 +111,7 @@ def param_specs(params: Any, rules: Rules = LLAMA_RULES, *, mesh: Any = None) ->
         ...           "norm": {"scale": jnp.zeros(8)}}
         >>> param_specs(params)
         {'mlp': {'up_proj': {'kernel': P(None, 'fsdp', 'tensor')}}, 'norm': {'scale': P(None,)}}
-    """  # noqa: E501
+    """
     compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
 
     def one(path: Any, leaf: Any) -> P:
