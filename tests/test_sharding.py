@@ -21,7 +21,6 @@ from jax.sharding import PartitionSpec as P
 
 import lorajax
 from lorajax import models, sharding, train
-
 from lorajax._src.rules import path_name as path_str
 
 CONFIG = models.LlamaConfig(
@@ -256,7 +255,7 @@ def test_param_specs_errors():
     with pytest.raises(ValueError, match="No partition rule matches 'other'"):
         sharding.param_specs(params)
     mesh = sharding.make_mesh({"fsdp": 8})
-    rules = sharding.LLAMA_RULES + ((r"other", P()),)
+    rules = (*sharding.LLAMA_RULES, (r"other", P()))
     with pytest.raises(ValueError, match=r"'q_proj/kernel' has shape \(12, 8\).*size 12"):
         sharding.param_specs(params, rules, mesh=mesh)
     with pytest.raises(ValueError, match="has 3 axes"):
