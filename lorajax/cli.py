@@ -27,6 +27,10 @@ training, so that its checkpoints survive an interruption (``summary.json`` is s
 replaced atomically). ``--resume`` continues from the latest checkpoint in ``--out`` up
 to ``--steps`` and appends to ``metrics.jsonl``; the settings that shape the state and
 the data order (method, rank, seed, batch size, ...) must match the checkpoint's.
+
+``--mesh data=2,fsdp=4`` shards the run over this host's devices with the rules of
+:mod:`lorajax.sharding` (FSDP and tensor parallelism; the batch is split over the
+``data`` and ``fsdp`` axes). Several hosts run ``tpu_scripts/finetune.py`` instead.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -162,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the result: 'peft' (with --method adapters) a PEFT adapter "
         "directory <out>/adapter; 'merged' a Hugging Face checkpoint <out>/model",
     )
+    ft.add_argument(
+        "--mesh",
+        default=None,
+        help="shard over the local devices, e.g. 'data=2,fsdp=4' or 'fsdp=-1' (axes data, "
+        "fsdp, tensor; one size may be -1); default: one device",
+    )
+    ft.add_argument(
+        "--axis-types",
+        choices=("explicit", "auto"),
+        default="explicit",
+        help="mesh axis types (default: explicit)",
+    )
     ft.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
 
@@ -251,17 +268,37 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise _UsageError(f"--out {str(out)!r}: {str(probe)!r} is not writable.")
 
 
+def _mesh(args: argparse.Namespace) -> Any:
+    """The --mesh over this host's devices (None without --mesh); checks --batch-size."""
+    if args.mesh is None:
+        return None
+    from lorajax import sharding
+
+    try:
+        mesh = sharding.make_mesh(args.mesh, axis_types=args.axis_types)
+    except ValueError as err:
+        raise _UsageError(f"--mesh {args.mesh}: {err}") from err
+    split = math.prod(mesh.shape[axis] for axis in sharding.batch_axes(mesh))
+    if args.batch_size % split:
+        raise _UsageError(
+            f"--batch-size {args.batch_size} must be divisible by the {split} devices the "
+            f"batch is split over (data and fsdp axes of --mesh {args.mesh})."
+        )
+    return mesh
+
+
 def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Loads and checks everything; writes nothing."""
     import jax.numpy as jnp
 
-    from lorajax import data, models, train
+    from lorajax import data, models, sharding, train
 
     if "peft" in args.export and args.method != "adapters":
         raise _UsageError(
             f"--export peft writes LoRA adapters, which --method {args.method} does not train; "
             "use --method adapters, or --export merged for the fine-tuned model."
         )
+    mesh = _mesh(args)
     if args.resume:
         _check_resume(args)
     else:
@@ -312,7 +349,11 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     if args.method == "adapters":
         key = jax.random.key(args.seed)
         adapters, base = train.init_adapters(key, model, rank=args.rank, alpha=args.alpha)
-    trainer = train.Trainer(model, tx, adapters=adapters, params=base)
+    rules = None if mesh is None else sharding.LLAMA_RULES
+    try:
+        trainer = train.Trainer(model, tx, adapters=adapters, params=base, mesh=mesh, rules=rules)
+    except ValueError as err:  # e.g. a model size the mesh does not divide
+        raise _UsageError(f"--mesh {args.mesh}: {err}") from err
     eval_rows = min(len(eval_set), args.eval_batches * args.batch_size)
     eval_batches = data.eval_batches(
         data.PackedDataset(eval_set.tokens[:eval_rows]), args.batch_size

@@ -458,6 +458,8 @@ class Trainer:
         donate_args = (0,) if donate else ()
         self._step = jax.jit(self._step_fn, donate_argnums=donate_args, **jit_shardings)
         self._compiled: dict[Any, Any] = {}
+        if jit_shardings:
+            jit_shardings["out_shardings"] = self._replicated  # (nll sum, token count)
         self._eval = jax.jit(self._eval_fn, **jit_shardings)
         self._init = jax.jit(
             self._init_fn, out_shardings=self.shardings if mesh is not None else None

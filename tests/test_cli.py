@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -261,3 +262,36 @@ def test_export_peft_needs_adapters(capsys, tiny_model, corpus, tmp_path):
     out = tmp_path / "run"
     argv = [*base_argv(out, tiny_model, corpus), "--method", "lora", "--export", "peft"]
     expect_refusal(capsys, out, argv, "--export peft writes LoRA adapters")
+
+
+@pytest.mark.parametrize("axis_types", ["explicit", "auto"])
+def test_mesh_run_equals_the_one_device_run(axis_types, tiny_model, corpus, tmp_path):
+    args = ("--method", "lora", "--lr", "1e-3", "--batch-size", "8", "--rank", "4")
+    finetune(tmp_path / "one", tiny_model, corpus, *args, "--export", "merged")
+    mesh = ("--mesh", "data=2,fsdp=4", "--axis-types", axis_types)
+    finetune(tmp_path / "mesh", tiny_model, corpus, *args, *mesh, "--export", "merged")
+    (one_rows, one), (mesh_rows, sharded) = read_run(tmp_path / "one"), read_run(tmp_path / "mesh")
+    assert sharded["args"]["mesh"] == "data=2,fsdp=4"
+    losses = lambda rows: [r.get("loss", r.get("eval_loss")) for r in rows]  # noqa: E731
+    np.testing.assert_allclose(losses(mesh_rows), losses(one_rows), rtol=1e-5)
+    want = nnx.to_pure_dict(nnx.state(models.load_hf(tmp_path / "one" / "model"), nnx.Param))
+    got = nnx.to_pure_dict(nnx.state(models.load_hf(tmp_path / "mesh" / "model"), nnx.Param))
+    leaves = jax.tree_util.tree_leaves_with_path(got)
+    assert len(leaves) == len(jax.tree.leaves(want)) > 10
+    for (path, g), w in zip(leaves, jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=str(path))
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--mesh", "pipe=2"], "Unknown mesh axis 'pipe'"),
+        (["--mesh", "fsdp=3"], "has 3 devices but 8 are available"),
+        (["--mesh", "data=4,fsdp=2", "--batch-size", "4"], "must be divisible by the 8 devices"),
+        # The byte-level vocabulary (257) cannot be split over a tensor axis.
+        (["--mesh", "fsdp=4,tensor=2", "--batch-size", "4"], "size 257 cannot be split"),
+    ],
+)
+def test_bad_mesh_is_refused(capsys, extra, match, tiny_model, corpus, tmp_path):
+    out = tmp_path / "run"
+    expect_refusal(capsys, out, [*base_argv(out, tiny_model, corpus), *extra], match)
