@@ -270,7 +270,8 @@ def test_mesh_run_equals_the_one_device_run(axis_types, tiny_model, corpus, tmp_
     finetune(tmp_path / "one", tiny_model, corpus, *args, "--export", "merged")
     mesh = ("--mesh", "data=2,fsdp=4", "--axis-types", axis_types)
     finetune(tmp_path / "mesh", tiny_model, corpus, *args, *mesh, "--export", "merged")
-    (one_rows, one), (mesh_rows, sharded) = read_run(tmp_path / "one"), read_run(tmp_path / "mesh")
+    one_rows, _ = read_run(tmp_path / "one")
+    mesh_rows, sharded = read_run(tmp_path / "mesh")
     assert sharded["args"]["mesh"] == "data=2,fsdp=4"
     losses = lambda rows: [r.get("loss", r.get("eval_loss")) for r in rows]  # noqa: E731
     np.testing.assert_allclose(losses(mesh_rows), losses(one_rows), rtol=1e-5)
