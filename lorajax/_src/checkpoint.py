@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -37,7 +38,7 @@ def _directory(path: str | os.PathLike) -> epath.Path:
     text = os.fspath(path)
     if _URI.match(text):
         return epath.Path(text)
-    return epath.Path(text).absolute()
+    return epath.Path(pathlib.Path(text).absolute())
 
 
 class CheckpointError(ValueError):
@@ -107,7 +108,10 @@ def _describe(paths: list[tuple[str, ...]], leaves: list[Any]) -> dict[str, Any]
             entry["dtype"] = "key"
             entry["impl"] = _key_impl(leaf)
         else:
-            entry["dtype"] = str(np.dtype(getattr(leaf, "dtype", np.asarray(leaf).dtype)))
+            # Never fetch a jax.Array's values: in a multi-process run they span devices
+            # this process cannot read.
+            dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+            entry["dtype"] = str(np.dtype(dtype))
         manifest["/".join(path)] = entry
     return manifest
 
