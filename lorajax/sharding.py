@@ -33,6 +33,13 @@ Examples:
     P('fsdp', None)
 """  # noqa: E501
 
+from lorajax._src.hlo import (
+    COLLECTIVE_KINDS,
+    Collective,
+    collective_bytes,
+    collective_elements,
+    collectives,
+)
 from lorajax._src.mesh import (
     AXIS_TYPES,
     MESH_AXES,
@@ -58,4 +65,9 @@ __all__ = [
     "to_shardings",
     "state_shardings",
     "place",
+    "COLLECTIVE_KINDS",
+    "Collective",
+    "collectives",
+    "collective_bytes",
+    "collective_elements",
 ]
