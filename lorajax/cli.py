@@ -48,34 +48,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lorajax._src import cli_args
+
 __all__ = ["main", "finetune"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _positive_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,25 +79,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="text files or directories (default: the Python documentation text)",
     )
     ft.add_argument("--method", choices=METHODS, default="lora", help="default: lora")
-    ft.add_argument("--rank", type=_positive_int, default=16, help="default: 16")
+    ft.add_argument("--rank", type=cli_args.positive_int, default=16, help="default: 16")
     ft.add_argument(
-        "--alpha", type=_positive_float, default=32.0, help="adapters' alpha (default: 32)"
+        "--alpha", type=cli_args.positive_float, default=32.0, help="adapters' alpha (default: 32)"
     )
     ft.add_argument(
         "--lr",
-        type=_positive_float,
+        type=cli_args.positive_float,
         default=None,
         help="learning rate (default: method-aware, after LoRA Without Regret: "
         "5e-5·(2000/d_model)^0.781, times 10 for the low-rank methods)",
     )
-    ft.add_argument("--steps", type=_positive_int, default=40, help="default: 40")
-    ft.add_argument("--batch-size", type=_positive_int, default=4, help="default: 4")
-    ft.add_argument("--seq-len", type=_positive_int, default=128, help="default: 128")
+    ft.add_argument("--steps", type=cli_args.positive_int, default=40, help="default: 40")
+    ft.add_argument("--batch-size", type=cli_args.positive_int, default=4, help="default: 4")
+    ft.add_argument("--seq-len", type=cli_args.positive_int, default=128, help="default: 128")
     ft.add_argument(
-        "--eval-batches", type=_positive_int, default=6, help="evaluation batches (default: 6)"
+        "--eval-batches",
+        type=cli_args.positive_int,
+        default=6,
+        help="evaluation batches (default: 6)",
     )
     ft.add_argument(
-        "--eval-fraction", type=_fraction, default=0.1, help="held-out share (default: 0.1)"
+        "--eval-fraction", type=cli_args.fraction, default=0.1, help="held-out share (default: 0.1)"
     )
     ft.add_argument("--weight-decay", type=float, default=0.0, help="default: 0")
     ft.add_argument(
@@ -130,11 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ft.add_argument(
         "--lora-plus-ratio",
-        type=_positive_float,
+        type=cli_args.positive_float,
         default=1.0,
         help="lora/adapters: LoRA+ ratio of b's learning rate (default: 1)",
     )
-    ft.add_argument("--refresh-every", type=_positive_int, default=None)
+    ft.add_argument("--refresh-every", type=cli_args.positive_int, default=None)
     ft.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ft.add_argument(
         "--no-scan-layers",
@@ -148,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     ft.add_argument(
         "--save-every",
-        type=_positive_int,
+        type=cli_args.positive_int,
         default=None,
         metavar="N",
         help="checkpoint the train state and data position into <out>/checkpoints every N "

@@ -74,6 +74,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lorajax._src import cli_args
+
 #: Dense bf16 peak TFLOP/s per device, by a substring of ``jax.Device.device_kind``
 #: (matched in this order, case-insensitively).
 PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -117,43 +119,6 @@ class UsageError(Exception):
 # -- arguments ------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _positive_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return value
-
-
 def _device_ids(text: str) -> list[int]:
     try:
         ids = [int(part) for part in text.split(",")]
@@ -184,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the environment shows a multi-process launcher",
     )
     dist.add_argument("--coordinator", default=None, metavar="HOST:PORT")
-    dist.add_argument("--num-processes", type=_positive_int, default=None, metavar="N")
-    dist.add_argument("--process-id", type=_non_negative_int, default=None, metavar="I")
+    dist.add_argument("--num-processes", type=cli_args.positive_int, default=None, metavar="N")
+    dist.add_argument("--process-id", type=cli_args.non_negative_int, default=None, metavar="I")
     dist.add_argument(
         "--local-device-ids",
         type=_device_ids,
@@ -237,34 +202,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="text files or directories (default: the embedded Python documentation text)",
     )
-    data.add_argument("--seq-len", type=_positive_int, default=128, help="default: 128")
+    data.add_argument("--seq-len", type=cli_args.positive_int, default=128, help="default: 128")
     data.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=cli_args.positive_int,
         default=None,
         help="the global batch in sequences, divisible by the data x fsdp devices and the "
         "process count (default: 4 per data x fsdp device)",
     )
     data.add_argument(
-        "--eval-fraction", type=_fraction, default=0.1, help="held-out share (default: 0.1)"
+        "--eval-fraction", type=cli_args.fraction, default=0.1, help="held-out share (default: 0.1)"
     )
-    data.add_argument("--seed", type=_non_negative_int, default=0, help="default: 0")
+    data.add_argument("--seed", type=cli_args.non_negative_int, default=0, help="default: 0")
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--method", choices=METHODS, default="lora", help="default: lora")
-    opt.add_argument("--rank", type=_positive_int, default=16, help="default: 16")
+    opt.add_argument("--rank", type=cli_args.positive_int, default=16, help="default: 16")
     opt.add_argument(
-        "--alpha", type=_positive_float, default=32.0, help="adapters' alpha (default: 32)"
+        "--alpha", type=cli_args.positive_float, default=32.0, help="adapters' alpha (default: 32)"
     )
     opt.add_argument(
         "--lr",
-        type=_positive_float,
+        type=cli_args.positive_float,
         default=None,
         help="learning rate (default: lorajax.train.default_learning_rate(method, d_model))",
     )
     opt.add_argument("--weight-decay", type=float, default=0.0, help="default: 0")
-    opt.add_argument("--refresh-every", type=_positive_int, default=None)
-    opt.add_argument("--steps", type=_positive_int, default=40, help="default: 40")
+    opt.add_argument("--refresh-every", type=cli_args.positive_int, default=None)
+    opt.add_argument("--steps", type=cli_args.positive_int, default=40, help="default: 40")
     opt.add_argument(
         "--no-donate",
         dest="donate",
@@ -275,13 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev = parser.add_argument_group("evaluation and logging")
     ev.add_argument(
         "--eval-every",
-        type=_non_negative_int,
+        type=cli_args.non_negative_int,
         default=0,
         help="evaluate every N steps (0: only before and after training)",
     )
     ev.add_argument(
         "--eval-batches",
-        type=_non_negative_int,
+        type=cli_args.non_negative_int,
         default=4,
         help="batches per evaluation, of --batch-size rows or fewer if the held-out data is "
         "small (0: no evaluation). Default: 4",
@@ -292,13 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--summary", default=None, metavar="PATH", help="final JSON (process 0)")
     ev.add_argument(
         "--warmup-steps",
-        type=_non_negative_int,
+        type=cli_args.non_negative_int,
         default=2,
         help="first steps left out of the median tokens/s (compilation). Default: 2",
     )
     ev.add_argument(
         "--peak-tflops",
-        type=_positive_float,
+        type=cli_args.positive_float,
         default=None,
         help="peak TFLOP/s per device for MFU (default: by device kind; none for CPU)",
     )
@@ -313,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ck.add_argument(
         "--save-every",
-        type=_positive_int,
+        type=cli_args.positive_int,
         default=None,
         metavar="N",
         help="checkpoint every N steps (needs --checkpoint-dir; the last step is always "
@@ -324,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="restore the latest checkpoint of --checkpoint-dir, then train up to --steps",
     )
-    ck.add_argument("--max-to-keep", type=_positive_int, default=3, help="default: 3")
+    ck.add_argument("--max-to-keep", type=cli_args.positive_int, default=3, help="default: 3")
     return parser
 
 
