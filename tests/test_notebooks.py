@@ -15,6 +15,7 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 # The figures each notebook must write (PNG names in its results directory).
 FIGURES = {
     "01_quickstart": ["01_quickstart_losses"],
+    "03_lora_pro_alignment": ["03_lora_pro_alignment"],
 }
 SOURCES = sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.py"))
 
