@@ -210,11 +210,7 @@ def _check_resume(args: argparse.Namespace) -> None:
     try:
         meta = ckpt.metadata(step)
         saved = meta["config"]
-        diffs = [
-            f"--{key.replace('_', '-')} was {saved.get(key)!r}, now {value!r}"
-            for key, value in _run_config(args).items()
-            if key in saved and saved[key] != value
-        ]
+        diffs = cli_args.changed_settings(saved, _run_config(args))
     except CheckpointError as err:
         raise _UsageError(str(err)) from err
     if diffs:

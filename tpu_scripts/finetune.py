@@ -629,11 +629,7 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
                 saved = ckpt.metadata(resume_step)["config"]
             except CheckpointError as err:
                 raise UsageError(str(err)) from None
-            diffs = [
-                f"--{key.replace('_', '-')} was {saved.get(key)!r}, now {value!r}"
-                for key, value in run_config(args, lr).items()
-                if key in saved and saved[key] != value
-            ]
+            diffs = cli_args.changed_settings(saved, run_config(args, lr))
             if diffs:
                 raise UsageError(
                     f"--resume: the checkpoint of step {resume_step} in "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["fraction", "non_negative_int", "positive_float", "positive_int"]
+__all__ = ["changed_settings", "fraction", "non_negative_int", "positive_float", "positive_int"]
 
 
 def _int(text: str, expected: str, ok) -> int:
@@ -49,3 +49,15 @@ def fraction(text: str) -> float:
     if value >= 1:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
     return value
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """The settings of ``current`` that ``saved`` holds with another value.
+
+    Each as ``"--flag was X, now Y"``: what a resumed run must not change.
+    """
+    return [
+        f"--{key.replace('_', '-')} was {saved.get(key)!r}, now {value!r}"
+        for key, value in current.items()
+        if key in saved and saved[key] != value
+    ]
