@@ -15,7 +15,9 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 # The figures each notebook must write (PNG names in its results directory).
 FIGURES = {
     "01_quickstart": ["01_quickstart_losses"],
+    "02_lr_ratio": ["02_lr_ratio"],
     "03_lora_pro_alignment": ["03_lora_pro_alignment"],
+    "04_learns_less_forgets_less": ["04_learns_less_forgets_less"],
 }
 SOURCES = sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.py"))
 
