@@ -19,9 +19,8 @@
 # domains it knew. Their findings:
 #
 # 1. full fine-tuning learns the target domain faster and further than LoRA;
-# 2. LoRA forgets less of the source domain, and at equal target loss the two sit on
-#    one learning-forgetting trade-off curve, with LoRA further along the "forgets less"
-#    end;
+# 2. LoRA forgets less of the source domain; the paper reads the two as a trade-off
+#    between learning and forgetting, and compares methods along it;
 # 3. full fine-tuning's weight change `ΔW` is far from low rank: the rank needed to hold
 #    90% of its spectral energy is 10–100× the ranks LoRA uses.
 #
@@ -212,4 +211,33 @@ for name, points in curves.items():
 # %% [markdown]
 # ## What the full run measured
 #
-# (filled in after the full run)
+# SmolLM2-135M, 40 steps of 4 × 64 tokens at each method's default rate (full 1.3e-4,
+# low-rank 1.3e-3), one seed (numbers in `results/04_learns_less_forgets_less.json`).
+# Before training: documentation eval loss 3.591, stdlib code loss 3.112.
+#
+# | method | documentation loss after 40 steps | code loss at step 10 → 40 | code loss change |
+# |---|---:|---|---:|
+# | full AdamW | **2.798** | 3.008 → 3.110 | −0.003 |
+# | LoRA r=4 | 2.854 | 3.008 → 3.045 | −0.067 |
+# | LoRA r=16 | 3.039 (2.873 at step 30) | 3.014 → 3.035 | −0.078 |
+# | LoRA r=64 | 2.835 | 3.010 → 3.036 | −0.077 |
+# | `lorajax.lora` r=16 | 2.867 | 2.981 → 3.027 | **−0.086** |
+#
+# - **Learns less.** Full fine-tuning reaches the lowest documentation loss (2.798);
+#   LoRA at ranks 4 and 64 and `lorajax.lora` end 0.04–0.07 nats behind. LoRA r=16's
+#   last point is a loss spike at its 40th step (2.873 at step 30); with one seed, the
+#   order of the LoRA ranks is within that noise.
+# - **Forgets less.** The documentation is prose about Python, so the first steps help
+#   on code too: every method's code loss falls from 3.112 to about 3.01 by step 10.
+#   After that, full fine-tuning gives it all back (3.110 at step 40), while the
+#   low-rank methods stay 0.07–0.08 nats lower. At matched documentation loss the
+#   low-rank runs also sit lower: LoRA r=64 at step 40 (2.835, 3.036) has learned more
+#   and forgotten less than full fine-tuning at step 30 (2.863, 3.091). This agrees in
+#   direction with the paper; our forgetting domain is close to the target domain and
+#   the runs are short, so the sizes are not comparable to its benchmark numbers.
+# - **ΔW is not low rank.** Over the 210 adapted matrices, full fine-tuning's 40-step
+#   update needs a median rank of 130 (18–272) to hold 90% of its energy, 39% of the
+#   full rank: 33×, 8× and 2× the LoRA ranks 4, 16 and 64, highest in the MLP (median
+#   237–258) against 70–123 in attention. The paper reports 10–100× the ranks typical
+#   LoRA configurations use; our 40-step update is of that order for ranks 4–16. We
+#   measured one training length only, far shorter than the paper's.
