@@ -18,6 +18,12 @@ FIGURES = {
     "02_lr_ratio": ["02_lr_ratio"],
     "03_lora_pro_alignment": ["03_lora_pro_alignment"],
     "04_learns_less_forgets_less": ["04_learns_less_forgets_less"],
+    "05_subspaces": [
+        "05_subspaces_overlap",
+        "05_subspaces_refresh_cost",
+        "05_subspaces_on_refresh",
+        "05_subspaces_memory",
+    ],
 }
 SOURCES = sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.py"))
 
