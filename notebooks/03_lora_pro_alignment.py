@@ -38,35 +38,27 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
-from common import QUICK, save_figure, save_table
+from common import QUICK, load_model, save_figure, save_table, training_data
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from flax import nnx
 
 import lorajax
-from lorajax import data, models, train
+from lorajax import train
 from lorajax.adapters import LoRA
 
 RANK, ALPHA = 8, 32
+model, tokenizer = load_model()  # SmolLM2-135M-Instruct; a tiny random Llama if QUICK
+config = model.config
 if QUICK:
-    config = models.LlamaConfig(
-        vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    model = models.Llama(config, rngs=nnx.Rngs(0))
-    tokenizer = models.Tokenizer.byte_level()
     STEPS, SEQ, BATCH, EVAL_BATCHES, MEASURE_EVERY = 4, 32, 4, 2, 2
-    texts = data.default_corpus()[:20]
 else:
-    model, tokenizer = models.load()  # SmolLM2-135M-Instruct, embedded
-    config = model.config
     STEPS, SEQ, BATCH, EVAL_BATCHES, MEASURE_EVERY = 40, 128, 4, 6, 10
-    texts = data.default_corpus()
 
-train_set, eval_set = data.make_datasets(texts, tokenizer, seq_len=SEQ, seed=0)
-batches = [b for _, b in zip(range(STEPS), data.BatchIterator(train_set, BATCH, seed=0))]
-evals = data.eval_batches(eval_set, BATCH)[:EVAL_BATCHES]
+train_set, batches, evals = training_data(
+    tokenizer, seq_len=SEQ, batch_size=BATCH, steps=STEPS, eval_batches=EVAL_BATCHES
+)
 probe = batches[0]  # the batch on which gradients are compared
 print(f"{len(train_set)} training sequences of {SEQ} tokens; {STEPS} steps of {BATCH}")
 

@@ -41,31 +41,22 @@ from pathlib import Path
 import jax
 import matplotlib
 import numpy as np
-from common import QUICK, save_figure, save_table
+from common import QUICK, load_model, save_figure, save_table, training_data
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from flax import nnx
 
 import lorajax
-from lorajax import data, models, train
+from lorajax import data, train
 
+model, tokenizer = load_model()  # SmolLM2-135M-Instruct; a tiny random Llama if QUICK
+config = model.config
 if QUICK:
-    config = models.LlamaConfig(
-        vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    model = models.Llama(config, rngs=nnx.Rngs(0))
-    tokenizer = models.Tokenizer.byte_level()
     STEPS, SEQ, BATCH, EVAL_BATCHES, MEASURE_EVERY = 4, 32, 4, 1, 2
     RANKS = (2, 8)
-    texts = data.default_corpus()[:20]
 else:
-    model, tokenizer = models.load()  # SmolLM2-135M-Instruct, embedded
-    config = model.config
     STEPS, SEQ, BATCH, EVAL_BATCHES, MEASURE_EVERY = 40, 64, 4, 4, 10
     RANKS = (4, 16, 64)
-    texts = data.default_corpus()
 
 # The held-out domain: Python source code of standard-library modules.
 MODULES = ("argparse", "bisect", "calendar", "csv", "difflib", "fractions", "functools",
@@ -77,9 +68,9 @@ forget_batches = [
     b for _, b in zip(range(EVAL_BATCHES), data.BatchIterator(code_set, BATCH, seed=1))
 ]
 
-train_set, eval_set = data.make_datasets(texts, tokenizer, seq_len=SEQ, seed=0)
-batches = [b for _, b in zip(range(STEPS), data.BatchIterator(train_set, BATCH, seed=0))]
-learn_batches = data.eval_batches(eval_set, BATCH)[:EVAL_BATCHES]
+train_set, batches, learn_batches = training_data(
+    tokenizer, seq_len=SEQ, batch_size=BATCH, steps=STEPS, eval_batches=EVAL_BATCHES
+)
 print(f"target: {len(train_set)} sequences of {SEQ} tokens; {STEPS} steps of {BATCH}")
 print(f"held-out code: {len(code_set)} sequences, {len(forget_batches)} eval batches")
 

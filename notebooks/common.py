@@ -5,6 +5,10 @@
   ``LORAJAX_RESULTS`` (default: a temporary directory), so quick runs never overwrite
   the committed full-mode results.
 - Full mode (the default) writes figures and tables to ``notebooks/results/``.
+
+The model notebooks share their set-up: :func:`load_model` gives SmolLM2-135M-Instruct
+(full mode) or a tiny random Llama (quick mode), and :func:`training_data` the batches
+of the embedded corpus.
 """
 
 from __future__ import annotations
@@ -17,6 +21,45 @@ from typing import Any
 
 QUICK = os.environ.get("LORAJAX_QUICK", "0") == "1"
 HERE = Path(__file__).resolve().parent
+
+
+def load_model() -> tuple[Any, Any]:
+    """``(model, tokenizer)``: the embedded SmolLM2-135M-Instruct in full mode; in quick
+    mode a tiny random Llama (2 layers, width 64) with a byte-level tokenizer, which
+    checks a notebook's code in seconds but measures nothing."""
+    from flax import nnx
+
+    from lorajax import models
+
+    if not QUICK:
+        return models.load()
+    config = models.LlamaConfig(
+        vocab_size=257,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return models.Llama(config, rngs=nnx.Rngs(0)), models.Tokenizer.byte_level()
+
+
+def training_data(
+    tokenizer: Any, *, seq_len: int, batch_size: int, steps: int, eval_batches: int
+) -> tuple[Any, list[Any], list[Any]]:
+    """``(train_set, batches, evals)`` from the embedded corpus (its first 20 documents in
+    quick mode): the first ``steps`` training batches in a fixed order (seed 0), and the
+    first ``eval_batches`` batches of the held-out documents."""
+    from lorajax import data
+
+    texts = data.default_corpus()
+    texts = texts[:20] if QUICK else texts
+    train_set, eval_set = data.make_datasets(texts, tokenizer, seq_len=seq_len, seed=0)
+    iterator = data.BatchIterator(train_set, batch_size, seed=0)
+    batches = [batch for _, batch in zip(range(steps), iterator)]
+    evals = data.eval_batches(eval_set, batch_size)[:eval_batches]
+    return train_set, batches, evals
 
 
 def results_dir() -> Path:
