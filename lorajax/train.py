@@ -61,6 +61,7 @@ __all__ = [
     "METHODS",
     "default_learning_rate",
     "make_optimizer",
+    "only_targets",
     "init_adapters",
     "next_token_loss",
     "TrainState",
@@ -125,7 +126,33 @@ def default_learning_rate(method: str, hidden_size: int) -> float:
     return 5e-5 * _LR_MULTIPLIER[method] * (2000.0 / hidden_size) ** 0.781
 
 
-def _trainable_labels(targets: Any) -> Callable[[Any], Any]:
+def only_targets(
+    tx: optax.GradientTransformation, targets: Any = "all-linear"
+) -> optax.GradientTransformation:
+    """Runs ``tx`` on the ``targets`` matrices only; every other leaf is frozen.
+
+    The leaves that :func:`lorajax.resolve_targets` selects go through ``tx`` (one call,
+    over that subtree); every other leaf gets a zero update and no optimizer state. This is
+    how :func:`make_optimizer` builds the low-rank methods: ``lorajax.low_rank`` alone would
+    run its inner optimizer at full size on the leaves it does not project.
+
+    Args:
+        tx: The optimizer of the targeted matrices.
+        targets: Any ``targets`` value of :func:`lorajax.low_rank`.
+
+    Returns:
+        An ``optax.multi_transform`` over the labels ``"train"`` and ``"frozen"``.
+
+    Examples:
+        >>> import jax.numpy as jnp, optax
+        >>> from lorajax.train import only_targets
+        >>> params = {"mlp": {"up_proj": {"kernel": jnp.ones((8, 4))}}, "norm": jnp.ones(4)}
+        >>> tx = only_targets(optax.sgd(0.1))
+        >>> updates, _ = tx.update(params, tx.init(params), params)
+        >>> float(updates["mlp"]["up_proj"]["kernel"][0, 0]), float(updates["norm"][0])
+        (-0.1, 0.0)
+    """
+
     def labels(params: Any) -> Any:
         layouts = resolve_targets(params, targets)
         return jax.tree.map(
@@ -135,7 +162,7 @@ def _trainable_labels(targets: Any) -> Callable[[Any], Any]:
             is_leaf=lambda x: x is None,
         )
 
-    return labels
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def make_optimizer(
@@ -251,9 +278,7 @@ def make_optimizer(
             seed=seed,
             targets=targets,
         )
-    return optax.multi_transform(
-        {"train": inner, "frozen": optax.set_to_zero()}, _trainable_labels(targets)
-    )
+    return only_targets(inner, targets)
 
 
 def init_adapters(

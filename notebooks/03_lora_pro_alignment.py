@@ -38,11 +38,10 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
-from common import QUICK, load_model, save_figure, save_table, training_data
+from common import QUICK, load_model, mean_loss_fn, save_figure, save_table, training_data
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from flax import nnx
 
 import lorajax
 from lorajax import train
@@ -75,17 +74,7 @@ print(f"{len(train_set)} training sequences of {SEQ} tokens; {STEPS} steps of {B
 #   `P_U G + G P_V − P_U G P_V` for its random orthonormal bases.
 
 # %%
-graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-
-
-@jax.jit
-def full_gradient(params, tokens):
-    def loss(params):
-        logits = nnx.merge(graphdef, params, rest)(tokens[:, :-1])
-        total, count = train.next_token_loss(logits, tokens)
-        return total / count
-
-    return jax.grad(loss)(params)
+full_gradient = jax.jit(jax.grad(mean_loss_fn(model)))
 
 
 def factor_grads(lora, g):

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
-from common import QUICK, load_model, save_figure, save_table, training_data
+from common import QUICK, load_model, mean_loss_fn, save_figure, save_table, training_data
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -84,7 +84,7 @@ print(f"rank {RANK}, bases refreshed at steps {list(range(0, STEPS, REFRESH))}")
 #
 # Each projected optimizer is `low_rank(scale_by_adam(), rank=8, basis=…)` followed by
 # the learning rate, on the `"all-linear"` matrices (attention and MLP projections);
-# every other parameter is frozen, as `lorajax.train.make_optimizer` does. All use the
+# every other parameter is frozen (`train.only_targets`, as `make_optimizer` does). All use the
 # learning rate `train.default_learning_rate("lora", d)` and `side="auto"`: each matrix
 # is projected on the side that keeps the state small.
 #
@@ -103,14 +103,8 @@ print(f"rank {RANK}, bases refreshed at steps {list(range(0, STEPS, REFRESH))}")
 # %%
 d = config.hidden_size
 LR = train.default_learning_rate("lora", d)
-graphdef, _, rest = nnx.split(model, nnx.Param, ...)
 params0 = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-def trainable_labels(params):
-    layouts = lorajax.resolve_targets(params, "all-linear")
-    return jax.tree.map(lambda layout, _: "frozen" if layout is None else "train",
-                        layouts, params, is_leaf=lambda x: x is None)  # fmt: skip
+loss_fn = mean_loss_fn(model)
 
 
 def projected(basis, on_refresh="rotate"):
@@ -122,14 +116,7 @@ def projected(basis, on_refresh="rotate"):
         ),
         optax.scale_by_learning_rate(LR),
     )  # fmt: skip
-    return optax.multi_transform({"train": inner, "frozen": optax.set_to_zero()},
-                                 trainable_labels)  # fmt: skip
-
-
-def loss_fn(params, tokens):
-    logits = nnx.merge(graphdef, params, rest)(tokens[:, :-1])
-    total, count = train.next_token_loss(logits, tokens)
-    return total / count
+    return train.only_targets(inner, "all-linear")
 
 
 full_gradient = jax.jit(jax.grad(loss_fn))

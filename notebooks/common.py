@@ -8,7 +8,7 @@
 
 The model notebooks share their set-up: :func:`load_model` gives SmolLM2-135M-Instruct
 (full mode) or a tiny random Llama (quick mode), and :func:`training_data` the batches
-of the embedded corpus.
+of the embedded corpus, and :func:`mean_loss_fn` the loss of a params tree.
 """
 
 from __future__ import annotations
@@ -60,6 +60,23 @@ def training_data(
     batches = [batch for _, batch in zip(range(steps), iterator)]
     evals = data.eval_batches(eval_set, batch_size)[:eval_batches]
     return train_set, batches, evals
+
+
+def mean_loss_fn(model: Any) -> Any:
+    """``loss(params, tokens)``: the mean next-token cross-entropy of ``model`` with its
+    ``nnx.Param`` values replaced by ``params`` (a nested dict, as the Trainer holds)."""
+    from flax import nnx
+
+    from lorajax import train
+
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params: Any, tokens: Any) -> Any:
+        logits = nnx.merge(graphdef, params, rest)(tokens[:, :-1])
+        total, count = train.next_token_loss(logits, tokens)
+        return total / count
+
+    return loss
 
 
 def results_dir() -> Path:
