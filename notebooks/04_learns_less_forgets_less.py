@@ -124,19 +124,13 @@ for name, options in methods.items():
 # %%
 layouts = lorajax.resolve_targets(initial, "all-linear")
 after = final_params["full AdamW"]
-
-
-def at(tree, path):
-    for entry in path:
-        tree = tree[entry.key]
-    return tree
-
-
+deltas = jax.tree.map(lambda a, b: a - b, after, initial)
+flat_layouts = jax.tree.leaves(layouts, is_leaf=lambda x: x is None)
 spectra, by_module, ranks90, max_ranks = {}, {}, [], []
-for path, layout in jax.tree_util.tree_leaves_with_path(layouts, is_leaf=lambda x: x is None):
+for (path, delta), layout in zip(jax.tree_util.tree_leaves_with_path(deltas), flat_layouts):
     if layout is None:
         continue
-    delta = layout.to_matrix(at(after, path)) - layout.to_matrix(at(initial, path))
+    delta = layout.to_matrix(delta)
     delta = np.asarray(delta, np.float64).reshape(-1, *delta.shape[-2:])
     sigma = np.linalg.svd(delta, compute_uv=False)
     energy = np.cumsum(sigma**2, axis=-1) / np.sum(sigma**2, axis=-1, keepdims=True)
