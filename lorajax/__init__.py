@@ -23,6 +23,8 @@ from lorajax._src.lora import lora
 from lorajax._src.lora_plus import lora_plus
 from lorajax._src.lora_pro import lora_pro
 from lorajax._src.matrices import MatrixLayout, MatrixSpec
+from lorajax._src.probe import Coordinates, Probe
+from lorajax._src.probing import FULL_GRADIENT, coordinate_zeros, probes, refresh_due
 from lorajax._src.projection import low_rank
 from lorajax._src.randomized_svd import randomized_svd
 from lorajax._src.state import LowRankState, Projector, TwoSidedCoords, current_bases
@@ -50,6 +52,13 @@ __all__ = [
     "Projector",
     "TwoSidedCoords",
     "current_bases",
+    # projected backward
+    "probes",
+    "refresh_due",
+    "coordinate_zeros",
+    "Probe",
+    "Coordinates",
+    "FULL_GRADIENT",
     # aliases
     "galore",
     "flora",

@@ -19,7 +19,6 @@ projection of ``G`` onto the tangent space ``{U Y + Z Vᵀ}`` of rank-r adapters
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -29,18 +28,19 @@ import jax.numpy as jnp
 import optax
 
 from lorajax._src import bases as bases_lib
-from lorajax._src import checks, shard
+from lorajax._src import checks, fresh_bases, shard
+from lorajax._src import project as project_lib
 from lorajax._src import refresh as refresh_lib
 from lorajax._src import state as state_lib
 from lorajax._src.matrices import MatrixLayout
-from lorajax._src.randomized_svd import sketched_svd
+from lorajax._src.probe import Coordinates
 from lorajax._src.state import LowRankState, Projector, TwoSidedCoords
-from lorajax._src.targets import Targets, select_targets
+from lorajax._src.targets import Targets, path_str, select_targets
 
 __all__ = ["ALIGNS", "SIDES", "alias_options", "full_space_chain", "low_rank"]
 
 SIDES = ("auto", "left", "right", "both")
-ALIGNS = ("lora_pro", "sum")
+ALIGNS = project_lib.ALIGNS
 ON_SMALL_MATRIX = ("clamp", "skip", "error")
 SECOND_MOMENT_NAMES = ("nu", "nu_max", "sum_of_squares")
 
@@ -181,6 +181,9 @@ def low_rank(
     inner = optax.with_extra_args_support(inner)
     second_moments = frozenset(second_moment_names)
 
+    def is_coordinates(x: Any) -> bool:
+        return isinstance(x, Coordinates)
+
     def dtype_of(x: Any) -> Any:
         return x.dtype if fixed_dtype is None else fixed_dtype
 
@@ -231,6 +234,7 @@ def low_rank(
             jnp.dtype(dt),
             oversample=static_oversample if sketch else 0,
             power_iters=static_power_iters if sketch else 0,
+            refresh_every=refresh_every,
         )
 
     def coord_zeros(p: Projector, leaf: Any) -> Any:
@@ -278,135 +282,48 @@ def low_rank(
             ) from e
         return LowRankState(count, key, treedef.unflatten(projectors), inner_state)
 
-    def fresh_stored(p: Projector, g: jax.Array, sketch: Any, count: jax.Array) -> Projector:
-        """New stored bases from the gradient matrix ``g`` (run at refresh steps)."""
-        if p.basis == "svd":
-            u, v = bases_lib.exact_svd(g, p.rank)
+    def check_coordinates(p: Projector | None, c: Coordinates, path: str) -> bool:
+        """Validates a Coordinates leaf; returns whether it holds refresh sketches."""
+        if p is None:
+            raise ValueError(
+                f"Got lorajax.Coordinates for leaf {path!r}, which low_rank does not "
+                "project (it is not among `targets`, or it was skipped). Pass its full "
+                "gradient instead, or add it to `targets`."
+            )
+        batch, n, m, r = p.layout.batch_shape, p.layout.n, p.layout.m, p.rank
+        sketch = fresh_bases.is_sketch(p, c)
+        if sketch:
+            a, b = fresh_bases.sketch_widths(p)
         else:
-            # Continue the subspace iteration from the previous basis; at the first
-            # refresh it is still zero, so start from the Gaussian columns instead.
-            prev, mat = (p.v, jnp.swapaxes(g, -1, -2)) if p.side == "right" else (p.u, g)
-            head = jnp.where(count > 0, prev, sketch[..., : p.rank])
-            start = jnp.concatenate([head, sketch[..., p.rank :]], axis=-1)
-            left, _, right = sketched_svd(
-                mat, p.rank, start, warm=True, power_iters=p.power_iters, precision=precision
+            a = r if p.uses_left else 0
+            b = r if p.uses_right else 0
+        want_left, want_right = (*batch, a, m), (*batch, n, b)
+        if tuple(c.left.shape) != want_left or tuple(c.right.shape) != want_right:
+            raise ValueError(
+                f"lorajax.Coordinates for leaf {path!r} have shapes left "
+                f"{tuple(c.left.shape)} and right {tuple(c.right.shape)}; the {p.side}-sided "
+                f"rank-{r} projection of this (*batch, n, m) = {(*batch, n, m)} matrix needs "
+                f"left {want_left} and right {want_right}. Take the probes from "
+                "lorajax.probes(opt_state, params) for this very update."
             )
-            u, v = (right, left) if p.side == "right" else (left, right)
-        new_u = shard.like(u.astype(p.u.dtype), p.u) if p.u is not None else None
-        new_v = shard.like(v.astype(p.v.dtype), p.v) if p.v is not None else None
-        return dataclasses.replace(p, u=new_u, v=new_v)
+        return sketch
 
-    def sketches(projectors: Sequence[Any], mats: Sequence[Any], key: jax.Array) -> list[Any]:
-        """Gaussian starting blocks ``(*batch, d, k)`` for every randomized-SVD refresh."""
-        requests, slots = [], []
-        for j, (p, g) in enumerate(zip(projectors, mats)):
-            if p is None or p.basis != "randomized_svd":
-                continue
-            n, m = p.layout.n, p.layout.m
-            rows, axis = (m, -1) if p.side == "right" else (n, -2)
-            k = max(min(p.rank + p.oversample, n, m), p.rank)
-            shape = (*p.layout.batch_shape, rows, k)
-            spec = state_lib.basis_spec(shard.explicit_spec(g), axis)
-            requests.append((shape, p.dtype, spec, "gaussian"))
-            slots.append(j)
-        out: list[Any] = [None] * len(projectors)
-        draws = bases_lib.grouped_normals(state_lib.phase_key(key, state_lib.SALT_SKETCH), requests)
-        for j, draw in zip(slots, draws):
-            out[j] = draw
-        return out
+    def leaf_paths(updates: Any) -> list[str]:
+        flat, _ = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_coordinates)
+        return [path_str(path) for path, _ in flat]
 
-    def bases_in_use(projectors: Sequence[Any], key: jax.Array, mats: Sequence[Any]) -> list:
-        """``(U, V)`` per projector, laid out like the gradient matrices ``mats``."""
-        specs = [None if g is None else shard.explicit_spec(g) for g in mats]
-        return state_lib.bases_of(projectors, key, specs)
-
-    def project(p: Projector, u: Any, v: Any, g: jax.Array) -> Any:
-        left = right = None
-        if p.uses_left:
-            left = shard.einsum("...nr,...nm->...rm", u, g, precision=precision)
-        if p.uses_right:
-            right = shard.einsum("...nm,...mr->...nr", g, v, precision=precision)
-        if p.side == "both":
-            return TwoSidedCoords(a=right, b=left)
-        return left if p.side == "left" else right
-
-    def project_back(p: Projector, u: Any, v: Any, c: Any) -> jax.Array:
-        if p.side == "left":
-            return shard.einsum("...nr,...rm->...nm", u, c, precision=precision)
-        if p.side == "right":
-            return shard.einsum("...nr,...mr->...nm", c, v, precision=precision)
-        a = c.a
-        if align == "lora_pro":
-            inside = shard.einsum("...nr,...ns->...rs", u, a, precision=precision)
-            a = a - shard.einsum("...nr,...rs->...ns", u, inside, precision=precision)
-        # λ U N_b + a Vᵀ as one product [a | λU] [Vᵀ ; N_b]: ΔW is written once.
-        left = jnp.concatenate([a, u * jnp.asarray(lora_plus_ratio, u.dtype)], axis=-1)
-        right = jnp.concatenate([jnp.swapaxes(v, -1, -2), c.b], axis=-2)
-        return shard.einsum("...nk,...km->...nm", left, right, precision=precision)
-
-    def basis_maps(projectors: list[Any], old: list[Any], new: list[Any]) -> list[Any]:
-        """Per projector, ``(Q_left, Q_right)``: ``U_newᵀ U_old`` and ``V_oldᵀ V_new``."""
-        maps = []
-        for p, o, nw in zip(projectors, old, new):
+    def matrix_specs(projectors: Sequence[Any], mats: Sequence[Any], params: Any) -> list:
+        """Explicit layouts of the matrix views, from the gradients or else the params."""
+        p_leaves = params if params is not None else [None] * len(projectors)
+        specs = []
+        for p, g, w in zip(projectors, mats, p_leaves):
             if p is None:
-                maps.append(None)
-                continue
-            q_left = refresh_lib.dot_t(nw[0], o[0]) if p.uses_left else None
-            q_right = refresh_lib.dot_t(o[1], nw[1]) if p.uses_right else None
-            maps.append((q_left, q_right))
-        return maps
-
-    def identity_maps(projectors: list[Any]) -> list[Any]:
-        """The maps of a step that does not refresh: identities, so rotating is exact."""
-
-        def eye(p: Projector) -> jax.Array:
-            return jnp.broadcast_to(
-                jnp.eye(p.rank, dtype=jnp.float32), (*p.layout.batch_shape, p.rank, p.rank)
-            )
-
-        return [
-            None
-            if p is None
-            else (eye(p) if p.uses_left else None, eye(p) if p.uses_right else None)
-            for p in projectors
-        ]
-
-    def remap_state(
-        inner_state: Any, treedef: Any, projectors: list[Any], maps: list[Any], flag: jax.Array
-    ) -> Any:
-        """Applies the on_refresh policy to every coordinate-shaped tree of the state.
-
-        It runs at every step: ``maps`` are identities and ``flag`` is false except at a
-        refresh. Mapping a few r x r matrices is cheaper than carrying the whole inner
-        state through a ``lax.cond``, which XLA may copy.
-        """
-
-        def remap_leaf(p: Projector, qs: Any, c: Any, quadratic: bool) -> Any:
-            if on_refresh == "reset":
-                return jax.tree.map(lambda x: jnp.where(flag, jnp.zeros_like(x), x), c)
-
-            def lm(x):
-                return refresh_lib.left_map(qs[0].astype(x.dtype), x, quadratic)
-
-            def rm(x):
-                return refresh_lib.right_map(qs[1].astype(x.dtype), x, quadratic)
-
-            if p.side == "left":
-                return lm(c)
-            if p.side == "right":
-                return rm(c)
-            return TwoSidedCoords(a=rm(c.a), b=lm(c.b))
-
-        def remap_tree(name: str | None, tree: Any) -> Any:
-            quadratic = name in second_moments
-            entries = treedef.flatten_up_to(tree)
-            out = [
-                c if p is None else remap_leaf(p, qs, c, quadratic)
-                for p, qs, c in zip(projectors, maps, entries)
-            ]
-            return treedef.unflatten(out)
-
-        return refresh_lib.map_coordinate_trees(inner, inner_state, remap_tree)
+                specs.append(None)
+            elif g is not None:
+                specs.append(shard.explicit_spec(g))
+            else:
+                specs.append(state_lib.matrix_spec(p.layout, shard.explicit_spec(w)))
+        return specs
 
     def update_fn(
         updates: optax.Updates,
@@ -414,13 +331,20 @@ def low_rank(
         params: optax.Params | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, LowRankState]:
-        del params
-        g_leaves, treedef = jax.tree.flatten(updates)
+        g_leaves, treedef = jax.tree.flatten(updates, is_leaf=is_coordinates)
         if not g_leaves:
             new_updates, inner_state = inner.update(updates, state.inner_state, None, **extra_args)
             count = optax.safe_int32_increment(state.count)
             return new_updates, state._replace(count=count, inner_state=inner_state)
         old_projectors = treedef.flatten_up_to(state.projectors)
+        param_leaves = treedef.flatten_up_to(params) if params is not None else None
+        probed = [isinstance(g, Coordinates) for g in g_leaves]
+        sketched = [False] * len(g_leaves)
+        if any(probed):
+            paths = leaf_paths(updates)
+            for j, (g, p) in enumerate(zip(g_leaves, old_projectors)):
+                if probed[j]:
+                    sketched[j] = check_coordinates(p, g, paths[j])
         count = state.count
         refresh = (count % refresh_every) == 0
         next_key = jax.random.key_data(
@@ -428,56 +352,115 @@ def low_rank(
         )
         key = jnp.where(refresh, next_key, state.key)
         mats = [
-            None if p is None else p.layout.to_matrix(g).astype(dtype_of(g))
-            for g, p in zip(g_leaves, old_projectors)
+            None if p is None or probe else p.layout.to_matrix(g).astype(dtype_of(g))
+            for g, p, probe in zip(g_leaves, old_projectors, probed)
         ]
+        specs = matrix_specs(old_projectors, mats, param_leaves)
 
-        projectors = old_projectors
-        if any(p is not None and p.basis in bases_lib.STORED_BASES for p in projectors):
+        # Stored bases refresh from the full gradient under a cond on the count; from the
+        # sketches of a projected backward pass whenever sketches arrive (probes() hands
+        # out sketches exactly at the refresh counts).
+        def from_full_gradient(j: int, p: Any) -> bool:
+            return p is not None and p.basis in bases_lib.STORED_BASES and mats[j] is not None
+
+        projectors = list(old_projectors)
+        if any(from_full_gradient(j, p) for j, p in enumerate(old_projectors)):
 
             def do_refresh() -> list[Any]:
-                drawn = sketches(old_projectors, mats, key)
+                starts = fresh_bases.gaussian_starts(old_projectors, specs, key)
                 return [
-                    p
-                    if p is None or p.basis not in bases_lib.STORED_BASES
-                    else fresh_stored(p, g, sk, count)
-                    for p, g, sk in zip(old_projectors, mats, drawn)
+                    fresh_bases.from_gradient(p, mats[j], starts[j], count, precision=precision)
+                    if from_full_gradient(j, p)
+                    else p
+                    for j, p in enumerate(old_projectors)
                 ]
 
-            projectors = jax.lax.cond(refresh, do_refresh, lambda: old_projectors)
+            projectors = jax.lax.cond(refresh, do_refresh, lambda: list(old_projectors))
+        sketch_coords: dict[int, Any] = {}
+        if any(sketched):
+            tests = fresh_bases.sketch_probes(old_projectors, specs, key)
+            for j, p in enumerate(old_projectors):
+                if sketched[j]:
+                    projectors[j], sketch_coords[j] = fresh_bases.from_sketch(
+                        p, g_leaves[j], tests[j], precision=precision
+                    )
 
-        pairs = bases_in_use(projectors, key, mats)
+        pairs = state_lib.bases_of(projectors, key, specs)
 
         inner_state = state.inner_state
         if on_refresh != "keep" and any(p is not None for p in projectors):
-            moved = refresh & (count > 0)
-            maps = None
+            started = count > 0
+            moved = [started if sketched[j] else refresh & started for j in range(len(projectors))]
+            maps = [None] * len(projectors)
             if on_refresh == "rotate":
+                # Leaves whose bases change at the refresh counts take their maps under a
+                # cond (random bases are regenerated for the old key only then);
+                # sketch-refreshed leaves map from the stored bases they replace.
+                by_count = [None if sketched[j] else p for j, p in enumerate(projectors)]
+                by_sketch = [p if sketched[j] else None for j, p in enumerate(projectors)]
 
-                def refreshed_maps() -> list[Any]:
-                    old_pairs = bases_in_use(old_projectors, state.key, mats)
-                    return basis_maps(projectors, old_pairs, pairs)
+                def refreshed() -> list[Any]:
+                    old = [None if sketched[j] else p for j, p in enumerate(old_projectors)]
+                    old_pairs = state_lib.bases_of(old, state.key, specs)
+                    return refresh_lib.basis_maps(by_count, old_pairs, pairs)
 
-                maps = jax.lax.cond(moved, refreshed_maps, lambda: identity_maps(projectors))
-            inner_state = remap_state(
-                inner_state, treedef, projectors, maps or [None] * len(projectors), moved
+                maps = jax.lax.cond(
+                    refresh & started, refreshed, lambda: refresh_lib.identity_maps(by_count)
+                )
+                if any(sketched):
+                    stored = [None if p is None else (p.u, p.v) for p in old_projectors]
+                    direct = refresh_lib.basis_maps(by_sketch, stored, pairs)
+                    eye = refresh_lib.identity_maps(by_sketch)
+                    for j in range(len(projectors)):
+                        if sketched[j]:
+                            maps[j] = jax.tree.map(
+                                lambda d, i: jnp.where(started, d, i), direct[j], eye[j]
+                            )
+            inner_state = refresh_lib.remap_state(
+                inner,
+                inner_state,
+                treedef,
+                projectors,
+                maps,
+                moved,
+                on_refresh=on_refresh,
+                second_moments=second_moments,
             )
 
-        coords = [
-            g.astype(dtype_of(g)) if p is None else project(p, *uv, mat)
-            for g, p, uv, mat in zip(g_leaves, projectors, pairs, mats)
-        ]
+        coords = []
+        for j, (g, p, uv) in enumerate(zip(g_leaves, projectors, pairs)):
+            if p is None:
+                coords.append(g.astype(dtype_of(g)))
+            elif sketched[j]:
+                coords.append(sketch_coords[j])
+            elif probed[j]:
+                c = Coordinates(g.left.astype(p.dtype), g.right.astype(p.dtype))
+                coords.append(project_lib.from_probes(p.side, c))
+            else:
+                coords.append(project_lib.project(p.side, *uv, mats[j], precision=precision))
         steps, inner_state = inner.update(
             treedef.unflatten(coords), inner_state, None, **extra_args
         )
         step_leaves = treedef.flatten_up_to(steps)
         out = []
-        for g, p, uv, c in zip(g_leaves, projectors, pairs, step_leaves):
+        for j, (g, p, uv, c) in enumerate(zip(g_leaves, projectors, pairs, step_leaves)):
             if p is None:
                 out.append(c.astype(g.dtype))
                 continue
-            full = p.layout.from_matrix(project_back(p, *uv, c))
-            out.append((full * jnp.asarray(scale, full.dtype)).astype(g.dtype))
+            back = project_lib.project_back(
+                p.side,
+                *uv,
+                c,
+                align=align,
+                lora_plus_ratio=lora_plus_ratio,
+                precision=precision,
+            )
+            full = p.layout.from_matrix(back)
+            if probed[j]:
+                out_dtype = param_leaves[j].dtype if param_leaves is not None else p.dtype
+            else:
+                out_dtype = g.dtype
+            out.append((full * jnp.asarray(scale, full.dtype)).astype(out_dtype))
         new_state = LowRankState(
             count=optax.safe_int32_increment(count),
             key=key,

@@ -55,6 +55,8 @@ class Projector:
         dtype: dtype of the bases and coordinates.
         oversample: Randomized-SVD oversampling (``"randomized_svd"`` only).
         power_iters: Randomized-SVD power iterations (``"randomized_svd"`` only).
+        refresh_every: Steps between refreshes of the bases (``T``): they change at step
+            counts ``0, T, 2T, …``.
     """
 
     u: jax.Array | None
@@ -66,6 +68,7 @@ class Projector:
     dtype: Any
     oversample: int = 0
     power_iters: int = 0
+    refresh_every: int = 1
 
     @property
     def uses_left(self) -> bool:
@@ -81,7 +84,16 @@ class Projector:
 jax.tree_util.register_dataclass(
     Projector,
     data_fields=["u", "v"],
-    meta_fields=["layout", "side", "rank", "basis", "dtype", "oversample", "power_iters"],
+    meta_fields=[
+        "layout",
+        "side",
+        "rank",
+        "basis",
+        "dtype",
+        "oversample",
+        "power_iters",
+        "refresh_every",
+    ],
 )
 
 
