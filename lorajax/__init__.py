@@ -24,6 +24,7 @@ from lorajax._src.lora_plus import lora_plus
 from lorajax._src.lora_pro import lora_pro
 from lorajax._src.matrices import MatrixLayout, MatrixSpec
 from lorajax._src.probe import Coordinates, Probe
+from lorajax._src.probed import probe_tap, probed_einsum, probed_matmul
 from lorajax._src.probing import FULL_GRADIENT, coordinate_zeros, probes, refresh_due
 from lorajax._src.projection import low_rank
 from lorajax._src.randomized_svd import randomized_svd
@@ -59,6 +60,9 @@ __all__ = [
     "Probe",
     "Coordinates",
     "FULL_GRADIENT",
+    "probed_matmul",
+    "probed_einsum",
+    "probe_tap",
     # aliases
     "galore",
     "flora",

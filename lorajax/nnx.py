@@ -13,5 +13,24 @@ kernel and restores the plain layers.
 
 from lorajax._src.nnx_layer import FrozenLoRAParam, LoRALayer
 from lorajax._src.nnx_lora import add_lora, merge_lora
+from lorajax._src.nnx_probe import (
+    CoordinateVariable,
+    ProbedEinsum,
+    ProbedGraph,
+    ProbedLinear,
+    ProbedLinearGeneral,
+    ProbeVariable,
+)
 
-__all__ = ["add_lora", "merge_lora", "LoRALayer", "FrozenLoRAParam"]
+__all__ = [
+    "add_lora",
+    "merge_lora",
+    "LoRALayer",
+    "FrozenLoRAParam",
+    "ProbedGraph",
+    "ProbedLinear",
+    "ProbedLinearGeneral",
+    "ProbedEinsum",
+    "ProbeVariable",
+    "CoordinateVariable",
+]

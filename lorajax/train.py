@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -54,8 +55,13 @@ from jaxtyping import Array, Int
 import lorajax
 from lorajax import adapters as lora_adapters
 from lorajax import sharding
+from lorajax._src.adapters.tree import LoRA, is_adapter_leaf, lora_leaves
 from lorajax._src.checks import static_int
-from lorajax._src.targets import resolve_targets
+from lorajax._src.nnx_probe import ProbedGraph
+from lorajax._src.probe import Coordinates, Probe
+from lorajax._src.probing import FULL_GRADIENT
+from lorajax._src.state import LowRankState, Projector, is_projector_leaf
+from lorajax._src.targets import path_str, resolve_targets
 
 __all__ = [
     "METHODS",
@@ -126,6 +132,10 @@ def default_learning_rate(method: str, hidden_size: int) -> float:
     return 5e-5 * _LR_MULTIPLIER[method] * (2000.0 / hidden_size) ** 0.781
 
 
+def _is_coordinates(x: Any) -> bool:
+    return isinstance(x, lorajax.Coordinates)
+
+
 def only_targets(
     tx: optax.GradientTransformation, targets: Any = "all-linear"
 ) -> optax.GradientTransformation:
@@ -152,15 +162,29 @@ def only_targets(
         >>> float(updates["mlp"]["up_proj"]["kernel"][0, 0]), float(updates["norm"][0])
         (-0.1, 0.0)
     """
+    # Labels are a function of the tree's structure and shapes; they are computed from
+    # the params at init and reused for update trees of the same structure, whose
+    # targeted leaves may be lorajax.Coordinates (a projected backward pass).
+    known: dict[Any, Any] = {}
 
-    def labels(params: Any) -> Any:
-        layouts = resolve_targets(params, targets)
-        return jax.tree.map(
+    def labels(tree: Any) -> Any:
+        leaves, treedef = jax.tree.flatten(tree, is_leaf=_is_coordinates)
+        if treedef in known:
+            return known[treedef]
+        if any(_is_coordinates(x) for x in leaves):
+            raise ValueError(
+                "only_targets got lorajax.Coordinates in an update tree whose structure it "
+                "has not seen at init. Initialise the optimizer on the same params tree."
+            )
+        layouts = resolve_targets(tree, targets)
+        out = jax.tree.map(
             lambda layout, _: "frozen" if layout is None else "train",
             layouts,
-            params,
+            tree,
             is_leaf=lambda x: x is None,
         )
+        known[treedef] = out
+        return out
 
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
@@ -421,11 +445,29 @@ class Trainer:
         data_axes: Mesh axes the batch dimension is split over (default: every axis
             without ``rules``, the ``data`` and ``fsdp`` axes with them).
         donate: Donate the state to the step (update in place).
+        projected: Run the step through the projected backward (see below). ``None``
+            (default) uses it whenever it applies: with adapters, or with an optimizer
+            built on :func:`lorajax.low_rank`, and targeted layers that take probes.
+            ``True`` raises an error when it cannot apply; ``False`` differentiates the
+            full params (or the merged adapters): the oracle path.
+
+    The projected backward. A low-rank optimizer never needs the full weight gradients,
+    only their coordinates in its bases, so the step differentiates zero coordinates at
+    each targeted layer instead of the weights (:func:`lorajax.probes`,
+    :class:`lorajax.Probe`): ``∂L/∂Z_ℓ = (x P_ℓ)ᵀ dY = P_ℓᵀ G`` and
+    ``∂L/∂Z_r = xᵀ (dY P_r) = G P_r``. No ``G`` is formed, and frozen leaves (embeddings,
+    norms) are not differentiated at all. Adapters are applied unmerged, ``s·(x a) b``,
+    and only the factors are differentiated. At a refresh of randomized-SVD bases the
+    probes are the test matrices of a single-pass sketch, so that step compiles a second
+    program; an exact-SVD refresh (``galore``) differentiates the targeted kernels
+    themselves at that step only. ``metrics["grad_norm"]`` is then the norm of what the
+    optimizer receives (coordinates, or adapter gradients).
 
     Attributes:
         params: The model's params as a nested dict.
         graphdef: The model's static graph.
         shardings: A :class:`TrainState` of ``NamedSharding`` (``None`` without a mesh).
+        projected: Whether the step runs through the projected backward.
 
     Examples:
         >>> import numpy as np, optax
@@ -455,6 +497,7 @@ class Trainer:
         rules: sharding.Rules | None = None,
         data_axes: str | Sequence[str] | None = None,
         donate: bool = False,
+        projected: bool | None = None,
     ) -> None:
         if not isinstance(model, nnx.Module):
             raise TypeError(f"`model` must be a flax.nnx.Module, got {type(model).__name__}.")
@@ -464,6 +507,13 @@ class Trainer:
         self.adapters = adapters
         if adapters is not None:
             jax.eval_shape(lora_adapters.merge, self.params, adapters)  # checks, computes nothing
+        if projected not in (None, True, False):
+            raise TypeError(f"`projected` must be None, True or False, got {projected!r}.")
+        self.graph: ProbedGraph | None = None
+        self._stored_bases = False
+        if projected is not False:
+            self.graph = self._probed_graph(model, projected)
+        self.projected = self.graph is not None
         if rules is not None and mesh is None:
             raise ValueError("`rules` shard params over a mesh: pass `mesh` as well.")
         self.mesh = mesh
@@ -481,7 +531,9 @@ class Trainer:
                 "out_shardings": (self.shardings, self._replicated),
             }
         donate_args = (0,) if donate else ()
-        self._step = jax.jit(self._step_fn, donate_argnums=donate_args, **jit_shardings)
+        self._step = jax.jit(
+            self._step_fn, static_argnums=(2,), donate_argnums=donate_args, **jit_shardings
+        )
         self._compiled: dict[Any, Any] = {}
         if jit_shardings:
             jit_shardings["out_shardings"] = self._replicated  # (nll sum, token count)
@@ -489,6 +541,66 @@ class Trainer:
         self._init = jax.jit(
             self._init_fn, out_shardings=self.shardings if mesh is not None else None
         )
+
+    def _probed_graph(self, model: nnx.Module, projected: bool | None) -> ProbedGraph | None:
+        """The probed model graph, or None where the projected backward does not apply."""
+        if self.adapters is not None:
+            loras = lora_leaves(self.adapters)
+            others = [
+                x
+                for x in jax.tree.leaves(self.adapters, is_leaf=is_adapter_leaf)
+                if x is not None and not isinstance(x, LoRA)
+            ]
+            paths, why = [p for p, _ in loras], "other adapters than LoRA (e.g. DoRA)"
+            layouts = {p: lora.layout for p, lora in loras} if not others else None
+        else:
+            abstract = jax.eval_shape(self.tx.init, self.params)
+            states = [
+                x
+                for x in jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, LowRankState))
+                if isinstance(x, LowRankState)
+            ]
+            layouts = {}
+            for st in states:
+                flat, _ = jax.tree_util.tree_flatten_with_path(
+                    st.projectors, is_leaf=is_projector_leaf
+                )
+                for path, proj in flat:
+                    if isinstance(proj, Projector):
+                        layouts[path_str(path)] = proj.layout
+                        self._stored_bases |= proj.basis in ("svd", "randomized_svd")
+            paths, why = list(layouts), "an optimizer that is not built on lorajax.low_rank"
+            if not states:
+                layouts = None
+        if not layouts:
+            if projected:
+                raise ValueError(
+                    f"`projected`=True, but this Trainer has {why}: there is nothing to "
+                    "probe. Pass projected=None or False."
+                )
+            return None
+        pattern = "^(?:" + "|".join(re.escape(p) for p in paths) + ")$"
+        try:
+            graph = ProbedGraph.build(model, pattern)
+        except (TypeError, ValueError) as e:
+            if projected:
+                raise ValueError(
+                    f"`projected`=True, but the model cannot take probes: {e} Pass "
+                    "projected=False to train on full gradients."
+                ) from e
+            return None
+        for path, layout in layouts.items():
+            theirs = graph.layouts.get(path)
+            if theirs is None or theirs.matrix_shape != layout.matrix_shape:
+                if projected:
+                    raise ValueError(
+                        f"`projected`=True, but the optimizer reads {path!r} as matrices "
+                        f"{layout.matrix_shape} and its layer as "
+                        f"{None if theirs is None else theirs.matrix_shape}. Build the "
+                        "optimizer with targets=trainer.graph.specs, or pass projected=False."
+                    )
+                return None
+        return graph
 
     def _setup_mesh(
         self, mesh: jax.sharding.Mesh, rules: Any, data_axes: str | Sequence[str] | None
@@ -505,7 +617,10 @@ class Trainer:
         self._data_axes = axes
         self._data_size = math.prod(mesh.shape[a] for a in axes)
         self._replicated = NamedSharding(mesh, P())
-        self._explicit = rules is not None and AxisType.Explicit in mesh.axis_types
+        # The projected backward contracts the batch-sharded tokens inside the model, so it
+        # also runs with the compiler choosing layouts when only the batch is sharded.
+        sharded_model = rules is not None or self.graph is not None
+        self._explicit = sharded_model and AxisType.Explicit in mesh.axis_types
         trainable = self.params if self.adapters is None else self.adapters
         if rules is None:
             replicate = lambda tree: jax.tree.map(lambda _: self._replicated, tree)  # noqa: E731
@@ -528,9 +643,17 @@ class Trainer:
         model = nnx.merge(self.graphdef, params, self._rest)
         return model(tokens)
 
+    def _logits(self, params: Any, adapters: Any, tokens: jax.Array) -> jax.Array:
+        if adapters is None:
+            return self._forward(params, tokens)
+        if self.graph is not None:  # unmerged: s·(x a) b, no kernel-sized gradient
+            return self.graph.merge(params, adapters=adapters, rest=self._rest)(tokens)
+        return self._forward(lora_adapters.merge(params, adapters), tokens)
+
     def _loss(self, trainable: Any, params: Any, tokens: jax.Array) -> jax.Array:
-        params = trainable if self.adapters is None else lora_adapters.merge(params, trainable)
-        total, count = next_token_loss(self._forward(params, tokens[:, :-1]), tokens)
+        if self.adapters is None:
+            params, trainable = trainable, None
+        total, count = next_token_loss(self._logits(params, trainable, tokens[:, :-1]), tokens)
         return total / count
 
     def _auto(self, fn: Callable[..., Any], out: Any) -> Callable[..., Any]:
@@ -542,8 +665,12 @@ class Trainer:
         trainable = params if adapters is None else adapters
         return TrainState(params, adapters, self.tx.init(trainable), jnp.zeros((), jnp.int32))
 
-    def _step_fn(self, state: TrainState, tokens: jax.Array) -> tuple[TrainState, dict]:
+    def _step_fn(
+        self, state: TrainState, tokens: jax.Array, refresh: bool = False
+    ) -> tuple[TrainState, dict]:
         with_adapters = state.adapters is not None
+        if self.graph is not None and not with_adapters:
+            return self._projected_step(state, tokens, refresh)
         trainable = state.adapters if with_adapters else state.params
         loss_fn = self._auto(self._loss, P())
         loss, grads = jax.value_and_grad(loss_fn)(trainable, state.params, tokens)
@@ -557,11 +684,54 @@ class Trainer:
         )
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
+    def _projected_step(
+        self, state: TrainState, tokens: jax.Array, refresh: bool
+    ) -> tuple[TrainState, dict]:
+        """One step whose backward pass yields coordinates, not weight gradients."""
+        params = state.params
+        probe_tree = lorajax.probes(state.opt_state, params, refresh=refresh)
+        is_probe = lambda x: x is None or isinstance(x, Probe) or x is FULL_GRADIENT  # noqa: E731
+        probes = jax.tree.map(
+            lambda x: x if isinstance(x, Probe) else None, probe_tree, is_leaf=is_probe
+        )
+        fulls = jax.tree.map(
+            lambda x, w: w if x is FULL_GRADIENT else None, probe_tree, params, is_leaf=is_probe
+        )
+        zeros = self.graph.zero_coords(probes)
+
+        def loss_fn(
+            coords: Any, full: Any, params: Any, probes: Any, tokens: jax.Array
+        ) -> jax.Array:
+            params = jax.tree.map(
+                lambda w, f: w if f is None else f, params, full, is_leaf=lambda x: x is None
+            )
+            model = self.graph.merge(params, probes=probes, coords=coords, rest=self._rest)
+            total, count = next_token_loss(model(tokens[:, :-1]), tokens)
+            return total / count
+
+        loss, (coords, full) = jax.value_and_grad(self._auto(loss_fn, P()), argnums=(0, 1))(
+            zeros, fulls, params, probes, tokens
+        )
+        is_coord = lambda x: x is None or isinstance(x, Coordinates)  # noqa: E731
+        grads = jax.tree.map(
+            lambda w, c, f: c if c is not None else (f if f is not None else jnp.zeros_like(w)),
+            params,
+            coords,
+            full,
+            is_leaf=is_coord,
+        )
+        updates, opt_state = self.tx.update(grads, state.opt_state, params)
+        trained = jax.tree.map(lambda x: x is not None, probe_tree, is_leaf=is_probe)
+        new_params = jax.tree.map(
+            lambda w, u, t: (w + u.astype(w.dtype)) if t else w, params, updates, trained
+        )
+        received = [x for x in jax.tree.leaves(grads, is_leaf=is_coord) if x is not None]
+        new = TrainState(new_params, None, opt_state, state.step + 1)
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(received)}
+
     def _eval_fn(self, state: TrainState, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
         def losses(params: Any, adapters: Any, tokens: jax.Array) -> Any:
-            if adapters is not None:
-                params = lora_adapters.merge(params, adapters)
-            return next_token_loss(self._forward(params, tokens[:, :-1]), tokens)
+            return next_token_loss(self._logits(params, adapters, tokens[:, :-1]), tokens)
 
         return self._auto(losses, (P(), P()))(state.params, state.adapters, tokens)
 
@@ -606,12 +776,22 @@ class Trainer:
             return contextlib.nullcontext()
         return jax.set_mesh(self.mesh)
 
-    def _compile(self, state: TrainState, tokens: jax.Array) -> Any:
-        # One executable per batch shape, shared by step() and memory().
-        key = (tokens.shape, str(tokens.dtype))
+    def _compile(self, state: TrainState, tokens: jax.Array, refresh: bool = False) -> Any:
+        # One executable per batch shape (and refresh kind), shared by step() and memory().
+        key = (tokens.shape, str(tokens.dtype), refresh)
         if key not in self._compiled:
-            self._compiled[key] = self._step.lower(state, tokens).compile()
+            self._compiled[key] = self._step.lower(state, tokens, refresh).compile()
         return self._compiled[key]
+
+    def refresh_due(self, state: TrainState) -> bool:
+        """Whether the next step refreshes stored bases through a sketch (or full) backward.
+
+        Such a step runs a second compiled program (its probes have other shapes). It is
+        always ``False`` for the full-gradient path and for random bases.
+        """
+        if self.graph is None or not self._stored_bases or state.adapters is not None:
+            return False
+        return lorajax.refresh_due(state.opt_state)
 
     def init(self) -> TrainState:
         """The initial state: the params, the adapters and a fresh optimizer state."""
@@ -629,8 +809,9 @@ class Trainer:
             mean next-token cross-entropy before the update).
         """
         tokens = self.place_batch(batch)
+        refresh = self.refresh_due(state)
         with self._context():
-            return self._compile(state, tokens)(state, tokens)
+            return self._compile(state, tokens, refresh)(state, tokens)
 
     def evaluate(self, state: TrainState, batches: Iterable[Any]) -> float:
         """Mean next-token cross-entropy (nats per token) over ``batches``.
@@ -654,15 +835,21 @@ class Trainer:
             params = lora_adapters.merge(params, state.adapters)
         return nnx.merge(self.graphdef, params, self._rest)
 
-    def memory(self, state: TrainState, batch: Any) -> dict[str, int]:
+    def memory(self, state: TrainState, batch: Any, *, refresh: bool = False) -> dict[str, int]:
         """Byte counts of the compiled training step (``memory_analysis()``).
 
         ``peak_bytes`` is arguments + outputs + temporaries - aliased (donated) bytes:
         what the step needs at its peak, as XLA plans it.
+
+        Args:
+            state: The train state.
+            batch: A batch of the shape to compile for.
+            refresh: Measure the program of a refresh step of stored bases (see
+                :meth:`refresh_due`) instead of a step between refreshes.
         """
         tokens = self.place_batch(batch)
         with self._context():
-            mem = self._compile(state, tokens).memory_analysis()
+            mem = self._compile(state, tokens, refresh).memory_analysis()
         out = {
             "argument_bytes": int(mem.argument_size_in_bytes),
             "output_bytes": int(mem.output_size_in_bytes),

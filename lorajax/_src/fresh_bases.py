@@ -34,6 +34,7 @@ from lorajax._src import shard
 from lorajax._src import state as state_lib
 from lorajax._src.probe import Coordinates, Probe
 from lorajax._src.randomized_svd import sketched_svd
+from lorajax._src.sketch_svd import single_pass_svd, sketch_sizes
 from lorajax._src.state import Projector, TwoSidedCoords
 
 __all__ = [
@@ -110,8 +111,6 @@ def gaussian_starts(
 
 def sketch_widths(p: Projector) -> tuple[int, int]:
     """``(l, k)``: the widths of the co-range probe ``Ψᵀ`` and the range probe ``Ω``."""
-    from lorajax._src.sketch_svd import sketch_sizes  # TODO top-level
-
     k, l_ = sketch_sizes(p.rank, p.layout.n, p.layout.m, p.oversample)
     return l_, k
 
@@ -171,8 +170,6 @@ def from_sketch(
         The projector with the new bases, and the coordinates arranged as
         :func:`~lorajax._src.project.project` would give them for the new bases.
     """
-    from lorajax._src.sketch_svd import single_pass_svd  # TODO top-level
-
     dt = p.dtype
     u, s, v = single_pass_svd(
         coords.right.astype(dt),
