@@ -126,6 +126,7 @@ def test_captured_energy_on_decaying_spectra(name, rank):
     u_exact, s_exact, vt_exact = np.linalg.svd(g, full_matrices=False)
     np.testing.assert_allclose(np.sum(s_exact[:rank] ** 2), optimum, rtol=1e-10)
     np.testing.assert_allclose(np.sum((u_exact[:, :rank].T @ g) ** 2), optimum, rtol=1e-10)
+    np.testing.assert_allclose(np.sum((g @ vt_exact[:rank].T) ** 2), optimum, rtol=1e-10)
 
     u64, v64 = np.asarray(u, np.float64), np.asarray(v, np.float64)
     left_energy = np.sum((u64.T @ g) ** 2) / optimum
@@ -148,8 +149,8 @@ def test_coordinates_estimate_the_exact_ones_on_a_decaying_spectrum():
     left, right = sketch_coordinates(u, s, v)
     assert left.shape == (rank, M) and right.shape == (N, rank)
     u64, v64 = np.asarray(u, np.float64), np.asarray(v, np.float64)
-    assert rel_err(left, u64.T @ g) < 0.02
-    assert rel_err(right, g @ v64) < 0.02
+    assert rel_err(left, u64.T @ g) < 5e-3
+    assert rel_err(right, g @ v64) < 5e-3
 
 
 # -- batching and dtypes ---------------------------------------------------------------
@@ -158,9 +159,9 @@ def test_coordinates_estimate_the_exact_ones_on_a_decaying_spectrum():
 def test_batched_inputs_equal_per_matrix_results():
     n, m, rank = 40, 24, 4
     k, l_ = sketch_sizes(rank, n, m, 6)
-    gs = np.stack(
-        [with_spectrum(n, m, 0.7 ** np.arange(m), seed=s) for s in range(6)]
-    ).reshape(2, 3, n, m)
+    gs = np.stack([with_spectrum(n, m, 0.7 ** np.arange(m), seed=s) for s in range(6)]).reshape(
+        2, 3, n, m
+    )
     y, w, psi_t = sketch(gs, k, l_)
     u, s, v = single_pass_svd(y, w, psi_t, rank)
     assert u.shape == (2, 3, n, rank) and s.shape == (2, 3, rank) and v.shape == (2, 3, m, rank)
@@ -171,8 +172,8 @@ def test_batched_inputs_equal_per_matrix_results():
             u1, s1, v1 = single_pass_svd(y[i, j], w[i, j], psi_t[i, j], rank)
             np.testing.assert_allclose(s[i, j], s1, rtol=1e-5)
             signs = np.sign(np.sum(np.asarray(u[i, j]) * np.asarray(u1), axis=0))
-            np.testing.assert_allclose(u[i, j], u1 * signs, atol=1e-5)
-            np.testing.assert_allclose(v[i, j], v1 * signs, atol=1e-5)
+            np.testing.assert_allclose(u[i, j], np.asarray(u1) * signs, atol=1e-5)
+            np.testing.assert_allclose(v[i, j], np.asarray(v1) * signs, atol=1e-5)
 
 
 def test_low_precision_sketches_are_computed_in_float32():
@@ -193,23 +194,17 @@ def test_low_precision_sketches_are_computed_in_float32():
 # -- sharding --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "mesh_shape, batch",
-    [((8,), ()), ((2, 4), (2,))],
-    ids=["matrix-8", "batch-2-by-matrix-4"],
-)
-def test_explicit_sharded_inputs_give_the_unsharded_result(mesh_shape, batch):
+@pytest.mark.parametrize("batch", [(), (3,)], ids=["matrix", "stacked"])
+def test_explicit_sharded_inputs_give_the_unsharded_result(batch):
     n, m, rank = 64, 48, 4
     k, l_ = sketch_sizes(rank, n, m, 8)
-    gs = np.stack(
-        [with_spectrum(n, m, 0.8 ** np.arange(m), seed=s) for s in range(max(1, *batch))]
-    ).reshape(*batch, n, m)
-    y, w, psi_t = sketch(gs, k, l_)
+    count = int(np.prod(batch))
+    gs = np.stack([with_spectrum(n, m, 0.8 ** np.arange(m), seed=s) for s in range(count)])
+    y, w, psi_t = sketch(gs.reshape(*batch, n, m), k, l_)
     want = single_pass_svd(y, w, psi_t, rank)
 
-    names = ("b", "x")[-len(mesh_shape) :]
-    mesh = jax.make_mesh(mesh_shape, names, axis_types=(AxisType.Explicit,) * len(names))
-    lead = ("b",) if batch else ()
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
+    lead = (None,) * len(batch)
     rows, cols = P(*lead, "x", None), P(*lead, None, "x")
     with jax.set_mesh(mesh):
         args = [
@@ -221,7 +216,7 @@ def test_explicit_sharded_inputs_give_the_unsharded_result(mesh_shape, batch):
         left, right = sketch_coordinates(u, s, v)
     assert u.sharding.spec == rows  # laid out like Y
     assert v.sharding.spec == rows  # (m, r) with m sharded like W's columns
-    assert tuple(s.sharding.spec) in (P(*lead), P(*lead, None))
+    assert all(e is None for e in s.sharding.spec)
     assert left.sharding.spec == cols and right.sharding.spec == rows
     np.testing.assert_allclose(s, want[1], rtol=1e-5)
     for got, ref in ((u, want[0]), (v, want[2])):
@@ -303,16 +298,8 @@ needs_model = pytest.mark.skipif(
 )
 
 
-@needs_model
-@pytest.mark.slow
-def test_real_gradients_of_smollm2():
-    """Sketches of SmolLM2-135M's full next-token gradients keep >= 0.97 of the energy.
-
-    The gradient of a 2 × 64 token batch (rank <= 128) for the middle layer's attention
-    and MLP kernels. At rank 16 with the default oversampling these measure about 1.000
-    (q_proj), 0.999 (o_proj), 0.994 (up_proj) and 0.98 (down_proj); with ``p = 32`` the
-    MLP kernels drop to 0.90-0.97.
-    """
+def smollm2_ratios(layer=15, rank=16, oversample=None):
+    """Captured-energy ratios of single-pass bases of SmolLM2-135M's real gradients."""
     from flax import nnx
 
     from lorajax import models, train
@@ -329,7 +316,6 @@ def test_real_gradients_of_smollm2():
         return total / count
 
     grads = nnx.to_pure_dict(jax.jit(jax.grad(loss))(params))["model"]["layers"]
-    layer, rank = 15, 16
     kernels = {
         "q_proj": grads["self_attn"]["q_proj"]["kernel"][layer],
         "o_proj": grads["self_attn"]["o_proj"]["kernel"][layer],
@@ -339,9 +325,24 @@ def test_real_gradients_of_smollm2():
     ratios = {}
     for seed, (name, g) in enumerate(kernels.items()):
         n, m = g.shape
-        k, l_ = sketch_sizes(rank, n, m)
+        p = DEFAULT_OVERSAMPLE if oversample is None else oversample
+        k, l_ = sketch_sizes(rank, n, m, p)
         u, _, _ = single_pass_svd(*sketch(g, k, l_, seed=seed), rank)
         g64 = np.asarray(g, np.float64)
         optimum = np.sum(np.linalg.svd(g64, compute_uv=False)[:rank] ** 2)
         ratios[name] = np.sum((np.asarray(u, np.float64).T @ g64) ** 2) / optimum
+    return ratios
+
+
+@needs_model
+@pytest.mark.slow
+def test_real_gradients_of_smollm2():
+    """Sketches of SmolLM2-135M's full next-token gradients keep >= 0.97 of the energy.
+
+    The gradient of a 2 × 64 token batch (rank <= 128) for the middle layer's attention
+    and MLP kernels, at rank 16 with the default oversampling (``p = 64``). Measured:
+    q_proj 0.9995, o_proj 0.9991, up_proj 0.994, down_proj 0.984; with ``p = 32`` the MLP
+    kernels drop to 0.967 and 0.916, which is why the default is 64.
+    """
+    ratios = smollm2_ratios()
     assert all(r >= 0.97 for r in ratios.values()), ratios

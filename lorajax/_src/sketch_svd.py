@@ -14,9 +14,9 @@ and the top singular triplets of ``Q X`` come from the SVD of the small ``X: (k,
 triplets, and :func:`sketch_coordinates` gives the coordinates of ``G`` in the new bases
 as far as the sketches determine them.
 
-Every step is batched over leading axes and works on explicitly sharded inputs: only
-``k × k`` and ``l × k`` blocks cross devices (skinny ``(n, k)`` or ``(m, k)`` ones only
-when a sketch is rank-deficient), and nothing ``n × m``-sized is ever formed.
+Every step is batched over leading axes and works on explicitly sharded matrix axes:
+only skinny blocks (``(n, k)``, ``(m, k)`` and ``(l, k)``) cross devices, and nothing
+``n × m``-sized is ever formed.
 
 References:
     Tropp, Yurtsever, Udell and Cevher, `Practical sketching algorithms for low-rank
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from lorajax._src import shard
-from lorajax._src.bases import cholesky_qr, per_matrix
+from lorajax._src.bases import orthonormalize, per_matrix
 
 __all__ = ["DEFAULT_OVERSAMPLE", "single_pass_svd", "sketch_coordinates", "sketch_sizes"]
 
@@ -48,7 +48,7 @@ DEFAULT_OVERSAMPLE = 64
 
 def _check_int(value: Any, name: str, *, minimum: int) -> int:
     what = "a positive int" if minimum > 0 else "a non-negative int"
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, (bool, float)):
         raise TypeError(f"`{name}` must be {what}, got {value!r}.")
     try:
         out = operator.index(value)
@@ -208,12 +208,14 @@ def single_pass_svd(
         X = \tilde U S \tilde V^\top,
 
     and ``U = Q Ũ[:, :r]``, ``S = S[:r]``, ``V = Ṽ[:, :r]``: the top-``r`` SVD of the
-    rank-``k`` approximation ``G ≈ Q X``. The SVD of the wide ``X: (k, m)`` is taken
-    through the thin QR ``Wᵀ Q_Ψ = P T``: then ``X = (R_Ψ⁻¹ Tᵀ) Pᵀ``, and the SVD
-    ``R_Ψ⁻¹ Tᵀ = A S Bᵀ`` of a ``k × k`` matrix gives ``Ũ = A`` and ``Ṽ = P B``. ``X`` is the least-squares solution of
+    rank-``k`` approximation ``G ≈ Q X``. ``X`` is the least-squares solution of
     ``(Ψ Q) X = Ψ G``, which equals ``Qᵀ G`` whenever ``Q`` spans the range of ``G``; so
-    the approximation is exact when ``rank(G) ≤ k``. For Gaussian ``Ω`` and ``Ψ`` and
-    ``l ≥ k + 2`` the expected squared Frobenius error is at most
+    the approximation is exact when ``rank(G) ≤ k``. The SVD of the wide ``X: (k, m)``
+    is taken through the thin QR ``Wᵀ Q_Ψ = P T``: then ``X = (R_Ψ⁻¹ Tᵀ) Pᵀ``, and the
+    SVD ``R_Ψ⁻¹ Tᵀ = A S Bᵀ`` of a ``k × k`` matrix gives ``Ũ = A`` and ``Ṽ = P B``.
+
+    For Gaussian ``Ω`` and ``Ψ`` and ``l ≥ k + 2`` the expected squared Frobenius error
+    of ``Q X`` is at most
 
     .. math::
 
@@ -228,13 +230,12 @@ def single_pass_svd(
     independently of each other; any scaling of either cancels out.
 
     Under an explicit mesh, ``Y`` and ``Ψᵀ`` may be sharded along ``n`` and ``W`` along
-    ``m``. ``Q`` and the thin QR ``Wᵀ Q_Ψ = P T`` come from Cholesky-QR
-    (:func:`~lorajax._src.bases.cholesky_qr`), so only ``k × k`` Gram matrices and the
-    ``(l, k)`` product ``Ψ Q`` cross devices, as all-reduces; the small factorisations
-    (QR of ``Ψ Q``, then the triangular solve and SVD of ``R_Ψ⁻¹ Tᵀ``, ``k × k``) run per
-    matrix. ``U`` is laid out like ``Y`` and ``V`` like ``W``'s ``m`` axis. When a block is
-    rank-deficient (``rank(G) < k``) Cholesky-QR falls back to Householder QR, which
-    gathers that ``(n, k)`` or ``(m, k)`` block; nothing ``n × m`` is ever formed.
+    ``m`` (batch axes must not be sharded: :func:`~lorajax._src.bases.per_matrix` maps
+    over them). The product ``Ψ Q`` over ``n`` becomes an all-reduce of an ``(l, k)``
+    block; the Householder QRs of ``Y`` and ``Wᵀ Q_Ψ`` gather those skinny ``(n, k)`` and
+    ``(m, k)`` blocks; the small steps (QR of ``Ψ Q``, the triangular solve and the SVD of
+    the ``k × k`` ``R_Ψ⁻¹ Tᵀ``) run per matrix. ``U`` is laid out like ``Y`` and ``V``
+    like ``W``'s ``m`` axis. Nothing ``n × m``-sized is ever formed or moved.
 
     Args:
         range_sketch: ``Y = G Ω`` with shape ``(*batch, n, k)``, ``k ≤ n``.
@@ -283,20 +284,22 @@ def single_pass_svd(
     w = corange_sketch.astype(dtype)
     psi_t = psi_t.astype(dtype)
 
-    q, _ = cholesky_qr(y)  # Q = orth(Y): (n, k), laid out like Y
+    q = orthonormalize(y)  # Q = orth(Y): (n, k), laid out like Y
     psi_q = shard.einsum("...nl,...nk->...lk", psi_t, q, precision=precision)  # Ψ Q
     q_psi, r_psi = per_matrix(jnp.linalg.qr, shard.gather_matrix(psi_q))
     # Wᵀ Q_Ψ = (Q_Ψᵀ W)ᵀ: (m, k), laid out like W's columns; its thin QR P T gives
-    # X = R_Ψ⁻¹ Tᵀ Pᵀ, so only k × k matrices are factorised.
+    # X = R_Ψ⁻¹ Tᵀ Pᵀ, so the SVD is that of a k × k matrix.
     wt_q = shard.einsum("...lm,...lk->...mk", w, q_psi, precision=precision)
-    p, t = cholesky_qr(wt_q)
+    p, t = per_matrix(jnp.linalg.qr, shard.gather_matrix(wt_q))
+    p = shard.like(p, wt_q)
 
     def solve_then_svd(block: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        # block = [R_Ψ | Tᵀ]: one array, so that per_matrix runs both steps per matrix.
-        core = jax.scipy.linalg.solve_triangular(block[:, :k], block[:, k:], lower=False)
+        # block = [R_Ψ | Tᵀ]: one array, so that per_matrix runs both steps per matrix
+        # (off CPU it is the whole batch, hence the ellipses).
+        core = jax.scipy.linalg.solve_triangular(block[..., :k], block[..., k:], lower=False)
         return jnp.linalg.svd(core, full_matrices=False)
 
-    block = jnp.concatenate([r_psi, jnp.swapaxes(t, -1, -2).astype(dtype)], axis=-1)
+    block = jnp.concatenate([r_psi, jnp.swapaxes(t, -1, -2)], axis=-1)
     a, s, bt = per_matrix(solve_then_svd, block)  # R_Ψ⁻¹ Tᵀ = A S Bᵀ
     # X = A S (P B)ᵀ: Ũ = A and Ṽ = P B.
     u = shard.einsum("...nk,...kr->...nr", q, a[..., :rank], precision=precision)
@@ -342,8 +345,10 @@ def sketch_coordinates(
         >>> omega, psi_t = jax.random.normal(k3, (16, 5)), jax.random.normal(k4, (20, 11))
         >>> u, s, v = single_pass_svd(g @ omega, psi_t.T @ g, psi_t, 2)
         >>> left, right = sketch_coordinates(u, s, v)
-        >>> bool(jnp.allclose(left, u.T @ g, atol=1e-4)), bool(jnp.allclose(right, g @ v, atol=1e-4))
-        (True, True)
+        >>> bool(jnp.allclose(left, u.T @ g, atol=1e-4))  # Uᵀ G, exact here: rank(G) <= k
+        True
+        >>> bool(jnp.allclose(right, g @ v, atol=1e-4))  # G V
+        True
     """
     shapes = {"u": getattr(u, "shape", None), "s": getattr(s, "shape", None)}
     shapes["v"] = getattr(v, "shape", None)
