@@ -186,7 +186,7 @@ def test_projected_true_refuses_what_cannot_be_probed():
         train.Trainer(Net(nnx.Rngs(0)), tx, projected=True)
     fallback = train.Trainer(Net(nnx.Rngs(0)), tx)  # the default falls back
     assert not fallback.projected
-    state, metrics = fallback.step(fallback.init(), np.arange(10).reshape(2, 5) % 16)
+    _, metrics = fallback.step(fallback.init(), np.arange(10).reshape(2, 5) % 16)
     assert np.isfinite(float(metrics["loss"]))
     with pytest.raises(TypeError, match="`projected` must be None, True or False"):
         train.Trainer(models.Llama(CFG, rngs=nnx.Rngs(0)), tx, projected="yes")
@@ -198,6 +198,6 @@ def test_bf16_projected_step_trains():
     results = []
     for m, projected in ((model, None), (model_full, False)):
         tr = train.Trainer(m, optimizer("lora"), projected=projected)
-        state, losses = run(tr, steps=4)
+        _, losses = run(tr, steps=4)
         results.append(losses)
     np.testing.assert_allclose(results[0], results[1], rtol=2e-2)

@@ -7,8 +7,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from lorajax._src import shard
-from lorajax._src.bases import orthonormalize as _orthonormalize
-from lorajax._src.bases import per_matrix
+from lorajax._src.bases import cholesky_qr, gram_orthonormalize, per_matrix
 
 __all__ = ["randomized_svd", "sketched_svd"]
 
@@ -85,6 +84,17 @@ def randomized_svd(
     )
 
 
+def _as_stored(g: jax.Array) -> jax.Array:
+    """``g`` materialised as laid out, so that XLA:CPU cannot fold a transpose into dots.
+
+    Every product below keeps ``g``'s free axis where it is (``g z`` and ``qᵀ g``), the
+    forms XLA:CPU's dot runs fastest for a row-major ``g``. A caller that passes a
+    transposed view (``swapaxes`` of a stored gradient) would otherwise get the slow
+    forms in every product; the barrier makes XLA write the transpose once instead.
+    """
+    return jax.lax.platform_dependent(g, cpu=jax.lax.optimization_barrier, default=lambda x: x)
+
+
 def sketched_svd(
     g: jax.Array,
     rank: int,
@@ -95,6 +105,13 @@ def sketched_svd(
     precision: jax.lax.PrecisionLike = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """:func:`randomized_svd` from a given starting block.
+
+    Between products the blocks are re-orthonormalised by one shifted Cholesky-QR pass
+    (:func:`~lorajax._src.bases.gram_orthonormalize`), which keeps their span, the only
+    thing a subspace iteration needs. The final range basis ``Q`` and the factorisation
+    ``Bᵀ = P T`` of ``B = Qᵀ g`` are exact thin QRs (:func:`~lorajax._src.bases.cholesky_qr`,
+    Householder when a block is rank-deficient), so the small SVD is that of the
+    ``k × k`` matrix ``T``: ``B = Tᵀ Pᵀ``.
 
     Args:
         g: ``(*batch, n, m)``.
@@ -108,20 +125,27 @@ def sketched_svd(
     Returns:
         ``(U, S, V)`` as :func:`randomized_svd`.
     """
+    g = _as_stored(g)
+
+    def range_of(zt: jax.Array) -> jax.Array:  # g Zᵀ: (n, k), from zt: (k, m)
+        return shard.einsum("...nm,...km->...nk", g, zt, precision=precision)
+
+    def corange_of(q: jax.Array) -> jax.Array:  # qᵀ g: (k, m)
+        return shard.einsum("...nk,...nm->...km", q, g, precision=precision)
+
+    def orth_rows(b: jax.Array) -> jax.Array:
+        return jnp.swapaxes(gram_orthonormalize(jnp.swapaxes(b, -1, -2)), -1, -2)
+
     if warm:
-        z = shard.einsum("...nm,...nk->...mk", g, sketch, precision=precision)
-        y = shard.einsum("...nm,...mk->...nk", g, z, precision=precision)
+        y = range_of(corange_of(sketch))
     else:
         y = shard.einsum("...nm,...mk->...nk", g, sketch, precision=precision)
     for _ in range(power_iters):
-        q = _orthonormalize(y)
-        z = _orthonormalize(shard.einsum("...nm,...nk->...mk", g, q, precision=precision))
-        y = shard.einsum("...nm,...mk->...nk", g, z, precision=precision)
-    q = _orthonormalize(y)
-    small = shard.einsum("...nk,...nm->...km", q, g, precision=precision)
-    ub, s, vt = per_matrix(
-        lambda b: jnp.linalg.svd(b, full_matrices=False), shard.gather_matrix(small)
-    )
-    u = shard.einsum("...nk,...kr->...nr", q, ub[..., :rank], precision=precision)
-    v = jnp.swapaxes(vt[..., :rank, :], -1, -2)
-    return u, s[..., :rank], v
+        y = range_of(orth_rows(corange_of(gram_orthonormalize(y))))
+    q, _ = cholesky_qr(y)
+    p, t = cholesky_qr(jnp.swapaxes(corange_of(q), -1, -2))  # Bᵀ = P T
+    ut, s, vt = per_matrix(lambda a: jnp.linalg.svd(a, full_matrices=False), t)
+    # B = Tᵀ Pᵀ = (V_T S U_Tᵀ) Pᵀ: B's left vectors are V_T, its right ones P U_T.
+    u = shard.einsum("...nk,...rk->...nr", q, vt[..., :rank, :].astype(q.dtype))
+    v = shard.einsum("...mk,...kr->...mr", p, ut[..., :rank].astype(p.dtype))
+    return u, s[..., :rank].astype(g.dtype), v
