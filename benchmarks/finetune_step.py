@@ -1,10 +1,11 @@
 """Training steps of SmolLM2-135M with each fine-tuning method, against full AdamW.
 
 Every method of ``lorajax finetune`` (full AdamW, galore, flora, lora, adapters) trains
-the same model on the same batches (seq 256, batch 4 by default), next to two reference
-rows:
+the same model on the same batches (seq 256, batch 4 by default), through
+``train.Trainer`` with its defaults (the JSON says whether a row's step took the
+projected backward), next to two reference rows:
 
-- ``floor``: the least a LoRA step can cost in lorajax. ``lorajax.nnx.add_lora`` (rank
+- ``floor``: a plain LoRA step, nothing added. ``lorajax.nnx.add_lora`` (rank
   16, alpha 32, every linear layer) puts unmerged adapters in the model (an adapted
   ``nnx.Linear`` computes ``base(x) + s·(x a) b``) and a jitted step differentiates the
   ``nnx.LoRAParam`` factors only (the frozen base is an argument of the step) and
@@ -19,6 +20,8 @@ Reported per row:
 
 - step time, as the median over rounds of the ratio to full AdamW's step in the same
   round (every row runs one step per round, in turn, so the machine's drift cancels);
+  the first step, a basis refresh, is a warm-up, so timed steps are steps between
+  refreshes;
 - tokens per second, and the loss of the first step (the same batch for every row, so
   rows on the same weights start from the same loss);
 - optimizer state bytes (and the ratio to AdamW's);
@@ -121,6 +124,7 @@ class Built:
         state_bytes: Bytes of the optimizer state.
         compile_s: Seconds to compile (for the torch row: the warm-up step).
         first_loss: The loss of the warm-up step (before any update).
+        info: Facts about the row for the JSON (e.g. which path a Trainer took).
     """
 
     step: Callable[[Any, int], tuple[Any, float]]
@@ -129,6 +133,7 @@ class Built:
     state_bytes: int
     compile_s: float
     first_loss: float
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class RowSkipped(Exception):
@@ -141,7 +146,7 @@ class Entry:
 
     Attributes:
         name: Row name (``--rows`` matches it, or ``name/variant``).
-        variant: Which form of the method (``"default"``: the Trainer as built today).
+        variant: Which form of the method (``"default"``: ``train.Trainer``'s defaults).
         build: ``(key, setup) -> Built``; raises :class:`RowSkipped` to skip.
         donations: The donation settings the row has (``(None,)``: not applicable).
     """
@@ -253,8 +258,10 @@ def trainer_row(method: str, **trainer_kwargs: Any) -> Callable[[RowKey, Setup],
             jax.block_until_ready(state)
             return state, float(metrics["loss"])
 
-        state, loss = step(state, 0)  # compiled (cached); refreshes the bases
-        return Built(step, state, memory, train.tree_bytes(state.opt_state), compile_s, loss)
+        state, loss = step(state, 0)  # a refresh step: timed rounds run between refreshes
+        info = {"projected": getattr(trainer, "projected", False)}
+        bytes_ = train.tree_bytes(state.opt_state)
+        return Built(step, state, memory, bytes_, compile_s, loss, info)
 
     return build
 
@@ -418,13 +425,24 @@ def build_peft(key: RowKey, setup: Setup) -> Built:
         for t in s.values()
         if torch.is_tensor(t)
     )
-    return Built(step, state, None, state_bytes, warm_s, loss)
+    info = {"attention": hf.config._attn_implementation, "torch": torch.__version__}
+    return Built(step, state, None, state_bytes, warm_s, loss, info)
 
 
 #: Every kind of row. A Trainer variant is one more line, e.g.
-#: ``Entry("galore", "projected", trainer_row("galore", projected=True))``.
+#: ``Entry("galore", "full-gradient", trainer_row("galore", projected=False))``.
 ENTRIES: list[Entry] = [
-    *(Entry(method, "default", trainer_row(method)) for method in train.METHODS),
+    Entry("full", "default", trainer_row("full")),
+    *(
+        Entry(method, "projected", trainer_row(method, projected=True))
+        for method in train.METHODS
+        if method != "full"
+    ),
+    *(
+        Entry(method, "full-gradient", trainer_row(method, projected=False))
+        for method in train.METHODS
+        if method != "full"
+    ),
     Entry("floor", "nnx-unmerged", build_floor),
     Entry("peft", "torch", build_peft, donations=(None,)),
 ]
@@ -567,6 +585,7 @@ def main() -> None:
                 "memory": run.memory,
                 "compile_s": run.compile_s,
                 "times_s": times[key],
+                **run.info,
             }
         )
     for key, why in skipped.items():

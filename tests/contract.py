@@ -442,6 +442,14 @@ def full_matrix_gathers(hlo: str, params: Any) -> list[str]:
     return found
 
 
+def assert_scaled_close(actual, expected, tol=1e-5):
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for x, y in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        y = np.asarray(y, np.float32)
+        scale = max(1.0, float(np.max(np.abs(y)))) if y.size else 1.0
+        np.testing.assert_allclose(np.asarray(x, np.float32), y, atol=tol * scale, rtol=tol)
+
+
 def check_sharded(case: Case, axis_type: AxisType) -> None:
     """On 8 devices the results equal the unsharded run, the update keeps the params'
     sharding, and (unless documented) no all-gather moves a whole weight matrix."""
@@ -464,8 +472,11 @@ def check_sharded(case: Case, axis_type: AxisType) -> None:
             u, state = step(place(g), state, sharded_params)
             got.append(u)
         hlo = step.lower(place(grads[0]), state, sharded_params).compile().as_text()
-    assert_trees_close(got, want, atol=1e-5, rtol=1e-5)
-    assert_trees_close(state, want_state, atol=1e-5, rtol=1e-5)
+    # Sharded contractions sum in another order: 1e-5 of each leaf's scale (an update
+    # of entries up to ~40 differs by float32 rounding of that size, not of its small
+    # entries' size).
+    assert_scaled_close(got, want)
+    assert_scaled_close(state, want_state)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(got[-1])
     wrong = [
         path_str(path)
