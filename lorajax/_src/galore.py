@@ -80,7 +80,10 @@ def galore(
     Examples:
         >>> import jax, jax.numpy as jnp, optax, lorajax
         >>> params = {"w": jnp.ones((32, 16)), "b": jnp.ones(16)}
-        >>> grads = jax.tree.map(lambda x: 0.1 * x, params)
+        >>> # A full-rank gradient: with a rank-1 one, Adam would normalise the rounding
+        >>> # noise of the zero singular directions, which differs between SVD builds.
+        >>> key = jax.random.key(0)
+        >>> grads = jax.tree.map(lambda x: jax.random.normal(key, x.shape), params)
         >>> ours = lorajax.galore(1e-2, rank=4)
         >>> theirs = optax.contrib.galore(1e-2, rank=4)
         >>> u1, _ = ours.update(grads, ours.init(params), params)

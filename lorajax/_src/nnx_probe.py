@@ -681,7 +681,8 @@ class ProbedGraph:
             ...     return jnp.sum(model(x) ** 2)
             >>> grads = jax.jit(jax.grad(loss))(coords)
             >>> g = grads["layers"][0]["kernel"]
-            >>> full = jax.grad(lambda k: jnp.sum((x @ k + params["layers"][0]["bias"]) ** 2))(
+            >>> bias = params["layers"][0]["bias"][None, :]
+            >>> full = jax.grad(lambda k: jnp.sum((x @ k + bias) ** 2))(
             ...     params["layers"][0]["kernel"])
             >>> bool(jnp.allclose(g.left, full[:2], rtol=1e-5, atol=1e-5)), g.right.shape
             (True, (4, 0))
