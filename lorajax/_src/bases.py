@@ -27,8 +27,11 @@ from lorajax._src import shard
 __all__ = [
     "BASES",
     "STORED_BASES",
+    "cholesky_qr",
     "exact_svd",
+    "gram_orthonormalize",
     "grouped_normals",
+    "lower_triangular_inverse",
     "orthonormalize",
     "per_matrix",
     "polar_orthonormalize",
@@ -70,6 +73,254 @@ def orthonormalize(x: jax.Array) -> jax.Array:
     """Householder QR of a skinny ``(*batch, d, k)`` block, laid out like ``x``."""
     q = per_matrix(lambda a: jnp.linalg.qr(a)[0], shard.gather_matrix(x))
     return shard.like(q, x)
+
+
+def _householder(x: jax.Array, rows: bool, transpose: bool) -> tuple[jax.Array, jax.Array]:
+    """Householder ``(Q, R)`` of ``x`` (of ``xᵀ`` with ``rows``), in at least float32.
+
+    ``Q`` comes in the orientation of ``x`` (the other one with ``transpose``). LAPACK
+    returns ``Q`` column-major; multiplying it by ``I`` (exact) hands it on in XLA's
+    default layout, so that a ``lax.cond`` whose other branch computes the same array
+    by a matmul does not transpose the result of both branches on XLA:CPU.
+    """
+    dt = jnp.promote_types(x.dtype, jnp.float32)
+    a = jnp.swapaxes(x, -1, -2) if rows else x
+    q, r = per_matrix(jnp.linalg.qr, shard.gather_matrix(a.astype(dt)))
+    eye = jnp.eye(q.shape[-1], dtype=dt)
+    spec = "...dk,kl->...ld" if rows != transpose else "...dk,kl->...dl"
+    q = jnp.einsum(spec, q, eye, precision=jax.lax.Precision.HIGHEST)
+    return shard.like(q.astype(x.dtype), jnp.swapaxes(x, -1, -2) if transpose else x), r
+
+
+def lower_triangular_inverse(lower: Float[Array, "*batch k k"]) -> Float[Array, "*batch k k"]:
+    r"""The inverse of lower-triangular matrices, by recursive 2 × 2 blocks, in matmuls.
+
+    .. math:: \begin{pmatrix} A & 0 \\ C & B \end{pmatrix}^{-1}
+              = \begin{pmatrix} A^{-1} & 0 \\ -B^{-1} C A^{-1} & B^{-1} \end{pmatrix}
+
+    applied bottom-up to all diagonal blocks of one size at once: ``⌈log₂ k⌉`` levels of
+    batched products (the matrix is padded with an identity block to a power of two).
+    No BLAS triangular solve is called: on XLA:CPU, jaxlib's ``trsm`` runs on OpenBLAS
+    threads, which stall for milliseconds when the machine is oversubscribed. Its
+    rounding errors are those of a blocked triangular solve. Only the lower triangle of
+    ``lower`` is read.
+
+    Args:
+        lower: ``(*batch, k, k)`` with a non-zero diagonal.
+
+    Returns:
+        ``lower⁻¹``, lower triangular, with the shape and dtype of ``lower``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from lorajax._src.bases import lower_triangular_inverse
+        >>> lower = jnp.array([[2.0, 0.0, 0.0], [1.0, 1.0, 0.0], [4.0, -2.0, 0.5]])
+        >>> print(lower_triangular_inverse(lower) @ lower)
+        [[1. 0. 0.]
+         [0. 1. 0.]
+         [0. 0. 1.]]
+    """
+    *batch, k, _ = lower.shape
+    size = 1 << max(k - 1, 0).bit_length()
+    lower = jnp.tril(lower)
+    if size != k:
+        pad = [(0, 0)] * len(batch) + [(0, size - k)] * 2
+        tail = jnp.diag((jnp.arange(size) >= k).astype(lower.dtype))
+        lower = jnp.pad(lower, pad) + jnp.broadcast_to(tail, (*batch, size, size))
+    # The inverses of the diagonal blocks of the current size b: (*batch, size / b, b, b).
+    inv = (1 / jnp.diagonal(lower, axis1=-2, axis2=-1))[..., None, None]
+    b = 1
+    while b < size:
+        count = size // (2 * b)
+        blocks = lower.reshape(*batch, count, 2 * b, count, 2 * b)
+        blocks = jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)
+        pairs = inv.reshape(*batch, count, 2, b, b)
+        a_inv, b_inv = pairs[..., 0, :, :], pairs[..., 1, :, :]
+        corner = -jnp.einsum(
+            "...ij,...jk,...kl->...il",
+            b_inv,
+            blocks[..., b:, :b],
+            a_inv,
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        top = jnp.concatenate([a_inv, jnp.zeros_like(a_inv)], axis=-1)
+        bottom = jnp.concatenate([corner, b_inv], axis=-1)
+        inv = jnp.concatenate([top, bottom], axis=-2)
+        b *= 2
+    return inv[..., 0, :k, :k]
+
+
+def _cholesky_factor(x: jax.Array, shifted: bool, rows: bool) -> tuple[jax.Array, ...]:
+    """One Cholesky-QR factorisation, in at least float32: ``(L, L⁻¹, XᵀX, shrink)``.
+
+    For columns (``x: (d, k)``), ``Q = X L⁻ᵀ`` (:func:`_apply_inverse`) gives
+    ``X = Q Lᵀ``; with ``rows`` (``x: (k, d)``) the same holds for ``Xᵀ``. The columns
+    are first scaled to unit norm (``D``, which changes neither the span nor the
+    triangular form), so that their lengths do not count as ill-conditioning:
+    ``L = D⁻¹ C`` with ``C Cᵀ = D XᵀX D + sI``. With ``shifted``,
+    ``s = (√d + k)·ε·k``, about the rounding error of the scaled Gram matrix; otherwise
+    ``s`` is only a floor that keeps an all-zero block finite. ``shrink = s·‖C⁻¹‖²_F =
+    Σᵢ s / (σᵢ² + s)`` over the singular values of ``X D`` (per matrix) says how far the
+    shift pulls ``Q`` from orthonormal: a direction with singular value ``σᵢ`` comes out
+    with length ``σᵢ / √(σᵢ² + s)``.
+    """
+    dt = jnp.promote_types(x.dtype, jnp.float32)
+    x = x.astype(dt)
+    highest = jax.lax.Precision.HIGHEST
+    if rows:
+        k, d = x.shape[-2:]
+        gram = shard.einsum("...kd,...ld->...kl", x, x, precision=highest)
+    else:
+        d, k = x.shape[-2:]
+        gram = shard.einsum("...dk,...dl->...kl", x, x, precision=highest)
+    finfo = jnp.finfo(dt)
+    norms2 = jnp.diagonal(gram, axis1=-2, axis2=-1)
+    scale = jnp.where(norms2 > finfo.tiny, jax.lax.rsqrt(jnp.maximum(norms2, finfo.tiny)), 1)
+    scaled = gram * scale[..., :, None] * scale[..., None, :]
+    floor = float(finfo.tiny) / float(finfo.eps)
+    shift = (d**0.5 + k) * float(finfo.eps) * k + floor if shifted else floor
+    eye = jnp.broadcast_to(jnp.eye(k, dtype=dt), gram.shape)
+    chol = per_matrix(jnp.linalg.cholesky, scaled + jnp.asarray(shift, dt) * eye)
+    chol_inv = lower_triangular_inverse(chol)
+    shrink = jnp.sum(chol_inv**2, axis=(-2, -1)) * jnp.asarray(shift, dt)
+    lower = chol / scale[..., :, None]  # D⁻¹ C
+    lower_inv = chol_inv * scale[..., None, :]  # C⁻¹ D
+    return lower, lower_inv, gram, shrink
+
+
+def _apply_inverse(x: jax.Array, lower_inv: jax.Array, rows: bool, transpose: bool) -> jax.Array:
+    """``X L⁻ᵀ`` (``L⁻¹ X`` with ``rows``), or its transpose, in the dtype of ``x``.
+
+    The transpose is written by the product itself, so it costs no copy.
+    """
+    spec = {
+        (False, False): "...dk,...lk->...dl",
+        (False, True): "...dk,...lk->...ld",
+        (True, False): "...kd,...lk->...ld",
+        (True, True): "...kd,...lk->...dl",
+    }[(rows, transpose)]
+    q = shard.einsum(
+        spec, x.astype(lower_inv.dtype), lower_inv, precision=jax.lax.Precision.HIGHEST
+    )
+    return shard.like(q.astype(x.dtype), jnp.swapaxes(x, -1, -2) if transpose else x)
+
+
+def gram_orthonormalize(
+    x: Float[Array, "*batch d k"], *, rows: bool = False, transpose: bool = False
+) -> Float[Array, "*batch d k"]:
+    r"""A well-conditioned basis of ``span(X)``, from one shifted Cholesky-QR pass.
+
+    .. math:: Q = X R^{-1}, \qquad R^\top R = X^\top X + s I,
+              \quad s = (\sqrt{d} + k)\,\varepsilon\,\operatorname{tr}(X^\top X)
+
+    ``Q`` spans the columns of ``X`` (any invertible ``R`` keeps the span), which is all
+    a subspace (power) iteration needs between its products. The Gram matrix squares the
+    condition number, so this is as accurate as Householder QR only while every
+    direction of ``X`` stands well above the shift: when the shift would shorten some
+    direction of ``Q`` below 0.1 (``Σᵢ s / (σᵢ² + s) > 0.99``), or the factorisation
+    fails, the block goes through Householder QR instead (``lax.cond``). Otherwise only
+    ``k × k`` matrices are factorised, and under sharding only the Gram matrix crosses
+    devices. ``Q`` is orthonormal only up to the shift's ``s / σ_min²``; use
+    :func:`cholesky_qr` when it must be orthonormal.
+
+    Args:
+        x: A skinny block ``(*batch, d, k)``, ``k <= d``; with ``rows``, a wide one
+            ``(*batch, k, d)`` whose rows are orthonormalised.
+        rows: Work on the rows of ``x``: the same as transposing ``x``, this function
+            and the result, with no transposes for XLA to fold into the products
+            around it.
+        transpose: Return ``Qᵀ``, written in that layout by the last product (XLA:CPU
+            multiplies by a row-major ``(k, d)`` block faster than by a transposed one).
+
+    Returns:
+        ``Q`` (``Qᵀ`` with ``transpose``), in the dtype of ``x`` and laid out like ``x``
+        (like ``xᵀ`` with ``transpose``).
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, lorajax
+        >>> from lorajax._src.bases import gram_orthonormalize
+        >>> x = jax.random.normal(jax.random.key(0), (200, 8)) * jnp.arange(1.0, 9.0)
+        >>> q = gram_orthonormalize(x)
+        >>> print(f"{float(lorajax.subspace_overlap(x, q)):.5f}")
+        1.00000
+    """
+    _, lower_inv, _, shrink = _cholesky_factor(x, shifted=True, rows=rows)
+    ok = jnp.all(shrink <= 0.99) & jnp.all(jnp.isfinite(lower_inv))
+    # The skinny product runs inside the branch, so that Q is not copied out of it.
+    return jax.lax.cond(
+        ok,
+        lambda: _apply_inverse(x, lower_inv, rows, transpose),
+        lambda: _householder(x, rows, transpose)[0],
+    )
+
+
+def cholesky_qr(
+    x: Float[Array, "*batch d k"], *, passes: int = 2, rows: bool = False, transpose: bool = False
+) -> tuple[Float[Array, "*batch d k"], Float[Array, "*batch k k"]]:
+    r"""Thin QR of a skinny block by shifted Cholesky-QR, with a Householder fallback.
+
+    ``X = Q R`` with orthonormal ``Q`` and upper-triangular ``R``, from Gram matrices: a
+    first pass shifted as in :func:`gram_orthonormalize`, then ``passes - 1`` unshifted
+    passes (shifted CholeskyQR of Fukaya et al. 2020). A pass whose input is within 0.5
+    of orthonormal (``‖XᵀX − I‖_F ≤ 0.5``) returns ``Q`` orthonormal to rounding, so
+    two passes suffice whenever the first one is not dominated by its shift. Only
+    ``k × k`` matrices are factorised, and only ``k × k`` Gram matrices cross devices.
+    When the last pass's input is further than that from orthonormal, or a factorisation
+    fails (``X`` is too ill-conditioned for Gram matrices in its precision, or
+    rank-deficient, such as a gradient of rank below ``k``), the call falls back to
+    Householder QR (``lax.cond``), which also completes a rank-deficient basis as an
+    exact QR does.
+
+    Args:
+        x: A skinny block ``(*batch, d, k)``, ``k <= d``; with ``rows``, a wide one
+            ``(*batch, k, d)``.
+        passes: Cholesky passes, at least 2.
+        rows: Factor ``xᵀ`` instead and return ``(Qᵀ, R)``: ``x = Rᵀ Qᵀ`` with
+            orthonormal rows in ``Qᵀ`` (see :func:`gram_orthonormalize`).
+        transpose: Return the orthonormal factor transposed, as
+            :func:`gram_orthonormalize` does.
+
+    Returns:
+        ``(Q, R)``: ``Q`` in the dtype of ``x`` and laid out like ``x`` (transposed with
+        ``transpose``); ``R`` ``(*batch, k, k)`` upper triangular, in at least float32.
+        After a fallback the diagonal of ``R`` may have either sign.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from lorajax._src.bases import cholesky_qr
+        >>> x = jax.random.normal(jax.random.key(0), (100, 6))
+        >>> q, r = cholesky_qr(x)
+        >>> bool(jnp.allclose(q.T @ q, jnp.eye(6), atol=1e-6))
+        True
+        >>> bool(jnp.allclose(q @ r, x, atol=1e-5))
+        True
+
+    References:
+        Fukaya, Kannan, Nakatsukasa, Zhang and Yamamoto, `Shifted Cholesky QR for
+        computing the QR factorization of ill-conditioned matrices
+        <https://arxiv.org/abs/1809.11085>`_, SIAM J. Sci. Comput. 2020.
+    """
+    if passes < 2:
+        raise ValueError(f"`passes` must be at least 2 to reach orthonormality, got {passes!r}.")
+    q, r, lower_inv, gram = x, None, None, None
+    for i in range(passes):
+        if i:
+            q = _apply_inverse(q, lower_inv, rows, transpose=False)
+        lower, lower_inv, gram, _ = _cholesky_factor(q, shifted=i == 0, rows=rows)
+        step = jnp.swapaxes(lower, -1, -2)  # this pass's R
+        if r is None:
+            r = step
+        else:
+            r = jnp.einsum("...ij,...jk->...ik", step, r, precision=jax.lax.Precision.HIGHEST)
+    # gram is the last pass's input Gram matrix: how far that input was from orthonormal.
+    eye = jnp.broadcast_to(jnp.eye(gram.shape[-1], dtype=gram.dtype), gram.shape)
+    drift = jnp.sum((gram - eye) ** 2, axis=(-2, -1))
+    ok = jnp.all(drift <= 0.25) & jnp.all(jnp.isfinite(lower_inv)) & jnp.all(jnp.isfinite(r))
+    return jax.lax.cond(
+        ok,
+        lambda: (_apply_inverse(q, lower_inv, rows, transpose), r),
+        lambda: _householder(x, rows, transpose),
+    )
 
 
 def polar_orthonormalize(x: jax.Array) -> jax.Array:

@@ -7,8 +7,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from lorajax._src import shard
-from lorajax._src.bases import orthonormalize as _orthonormalize
-from lorajax._src.bases import per_matrix
+from lorajax._src.bases import cholesky_qr, gram_orthonormalize, per_matrix
 
 __all__ = ["randomized_svd", "sketched_svd"]
 
@@ -85,6 +84,19 @@ def randomized_svd(
     )
 
 
+def _as_stored(g: jax.Array) -> jax.Array:
+    """``g`` materialised as laid out, so that XLA:CPU cannot fold a transpose into dots.
+
+    Every product below keeps ``g``'s free axis in place (``g Wᵀ`` and ``Cᵀ g`` with
+    row-major ``W`` and ``Cᵀ``), the forms XLA:CPU's dot is fastest at for a row-major
+    ``g``. A transposed view (``swapaxes`` of a stored gradient) would otherwise be
+    folded into every product as a slow transposed operand; the barrier makes XLA
+    write the transpose once instead. Pass the stored matrix with ``transpose=True``
+    to avoid that copy as well.
+    """
+    return jax.lax.platform_dependent(g, cpu=jax.lax.optimization_barrier, default=lambda x: x)
+
+
 def sketched_svd(
     g: jax.Array,
     rank: int,
@@ -93,35 +105,80 @@ def sketched_svd(
     warm: bool,
     power_iters: int,
     precision: jax.lax.PrecisionLike = None,
+    transpose: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """:func:`randomized_svd` from a given starting block.
 
+    The iteration alternates two products with ``g``: ``C = g Wᵀ`` ``(n, k)`` and
+    ``W = Qᵀ g`` ``(k, m)``. Between them the blocks are re-orthonormalised by one
+    shifted Cholesky-QR pass (:func:`~lorajax._src.bases.gram_orthonormalize`: a
+    subspace iteration needs only their span; Householder QR where a block is too
+    ill-conditioned for that), and ``C`` is written transposed, so that ``g`` is always
+    multiplied by a row-major block. The final range basis and the ``k × m`` block
+    ``B`` are exact thin QRs (:func:`~lorajax._src.bases.cholesky_qr`), so the small
+    SVD is that of a ``k × k`` triangular factor. Products with ``g`` use
+    ``precision``; the ``k × k`` work and the orthonormalisations use the highest.
+
     Args:
-        g: ``(*batch, n, m)``.
+        g: ``(*batch, n, m)``: the matrix, or its transpose with ``transpose``.
         rank: Triplets to return.
-        sketch: ``(*batch, m, k)`` test matrix ``Ω`` (``warm=False``) or ``(*batch, n, k)``
-            starting block ``[U₀ | Ω']`` (``warm=True``).
+        sketch: For the matrix ``A`` (``g``, or ``gᵀ`` with ``transpose``) of shape
+            ``(n', m')``: a ``(*batch, m', k)`` test matrix ``Ω`` (``warm=False``) or a
+            ``(*batch, n', k)`` starting block ``[U₀ | Ω']`` (``warm=True``).
         warm: Which of the two ``sketch`` is.
         power_iters: Power iterations.
-        precision: Matmul precision.
+        precision: Matmul precision of the products with ``g``.
+        transpose: Decompose ``gᵀ`` without forming it; ``U`` and ``V`` are ``gᵀ``'s.
 
     Returns:
-        ``(U, S, V)`` as :func:`randomized_svd`.
+        ``(U, S, V)`` as :func:`randomized_svd`, of ``g`` or of ``gᵀ``.
     """
+    g = _as_stored(g)
+
+    def columns(w: jax.Array) -> jax.Array:  # g Wᵀ: (n, k), from rows w: (k, m)
+        return shard.einsum("...nm,...km->...nk", g, w, precision=precision)
+
+    def rows(qt: jax.Array) -> jax.Array:  # Qᵀ g: (k, m), from rows qt: (k, n)
+        return shard.einsum("...kn,...nm->...km", qt, g, precision=precision)
+
+    def rows_of_columns(c: jax.Array) -> jax.Array:  # Cᵀ g: (k, m), from columns c: (n, k)
+        return shard.einsum("...nk,...nm->...km", c, g, precision=precision)
+
+    def orth(c: jax.Array) -> jax.Array:  # columns (n, k) in, orthonormal rows (k, n) out
+        return gram_orthonormalize(c, transpose=True)
+
+    def orth_rows(w: jax.Array) -> jax.Array:
+        return gram_orthonormalize(w, rows=True)
+
+    def lift(t: jax.Array, left: jax.Array, right: jax.Array) -> tuple[jax.Array, ...]:
+        """The SVD of ``Lᵀ B`` with ``B = Tᵀ R``, from the SVD of the ``k × k`` ``T``.
+
+        ``left`` (``L``) and ``right`` (``R``) are ``(k, d)`` blocks with orthonormal
+        rows. With ``T = U_T S V_Tᵀ``: ``Lᵀ B = (Lᵀ V_T) S (Rᵀ U_T)ᵀ``.
+        """
+        ut, s, vt = per_matrix(lambda a: jnp.linalg.svd(a, full_matrices=False), t)
+        vt, ut = vt[..., :rank, :].astype(left.dtype), ut[..., :rank].astype(right.dtype)
+        u = shard.einsum("...kd,...rk->...dr", left, vt)
+        v = shard.einsum("...kd,...kr->...dr", right, ut)
+        return u, s[..., :rank].astype(g.dtype), v
+
+    if not transpose:  # g's range in columns C = g Wᵀ, its co-range in rows W = Qᵀ g
+        if warm:
+            c = columns(rows_of_columns(sketch))
+        else:
+            c = shard.einsum("...nm,...mk->...nk", g, sketch, precision=precision)
+        for _ in range(power_iters):
+            c = columns(orth_rows(rows(orth(c))))
+        qt, _ = cholesky_qr(c, transpose=True)  # the range basis, as rows (k, n)
+        p, t = cholesky_qr(rows(qt), rows=True)  # B = Qᵀ g = Tᵀ P
+        return lift(t, qt, p)
+    # gᵀ's range is g's co-range: rows W (k, m); its co-range, g's range: columns C.
     if warm:
-        z = shard.einsum("...nm,...nk->...mk", g, sketch, precision=precision)
-        y = shard.einsum("...nm,...mk->...nk", g, z, precision=precision)
+        w = rows_of_columns(shard.einsum("...nm,...mk->...nk", g, sketch, precision=precision))
     else:
-        y = shard.einsum("...nm,...mk->...nk", g, sketch, precision=precision)
+        w = rows_of_columns(sketch)
     for _ in range(power_iters):
-        q = _orthonormalize(y)
-        z = _orthonormalize(shard.einsum("...nm,...nk->...mk", g, q, precision=precision))
-        y = shard.einsum("...nm,...mk->...nk", g, z, precision=precision)
-    q = _orthonormalize(y)
-    small = shard.einsum("...nk,...nm->...km", q, g, precision=precision)
-    ub, s, vt = per_matrix(
-        lambda b: jnp.linalg.svd(b, full_matrices=False), shard.gather_matrix(small)
-    )
-    u = shard.einsum("...nk,...kr->...nr", q, ub[..., :rank], precision=precision)
-    v = jnp.swapaxes(vt[..., :rank, :], -1, -2)
-    return u, s[..., :rank], v
+        w = rows(orth(columns(orth_rows(w))))
+    p, _ = cholesky_qr(w, rows=True)  # the range basis of gᵀ, as rows (k, m)
+    qt, t = cholesky_qr(columns(p), transpose=True)  # gᵀ's B = P gᵀ = (g Pᵀ)ᵀ = Tᵀ Q
+    return lift(t, p, qt)
