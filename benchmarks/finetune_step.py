@@ -21,7 +21,9 @@ Reported per row:
 - step time, as the median over rounds of the ratio to full AdamW's step in the same
   round (every row runs one step per round, in turn, so the machine's drift cancels);
   the first step, a basis refresh, is a warm-up, so timed steps are steps between
-  refreshes;
+  refreshes, except in the ``*-refresh`` rows, whose optimizers refresh their bases at
+  every step (``sketch-refresh``: randomized-SVD bases from the single-pass sketch of
+  the projected backward; ``svd-refresh``: GaLore's exact SVD of the full gradient);
 - tokens per second, and the loss of the first step (the same batch for every row, so
   rows on the same weights start from the same loss);
 - optimizer state bytes (and the ratio to AdamW's);
@@ -223,14 +225,24 @@ def memory_of(compiled: Any) -> dict[str, int]:
 
 
 def make_trainer(
-    model: nnx.Module, method: str, rank: int, donate: bool, **trainer_kwargs: Any
+    model: nnx.Module,
+    method: str,
+    rank: int,
+    donate: bool,
+    optimizer: Callable[[float, int], optax.GradientTransformation] | None = None,
+    **trainer_kwargs: Any,
 ) -> train.Trainer:
     """The Trainer of ``lorajax finetune`` for a method (model concrete or abstract).
 
-    ``trainer_kwargs`` go to ``train.Trainer`` (the variant of a row).
+    ``optimizer(learning_rate, rank)`` replaces the method's optimizer of ``lorajax
+    finetune`` when given; ``trainer_kwargs`` go to ``train.Trainer`` (the variant of a
+    row).
     """
     lr = train.default_learning_rate(method, model.config.hidden_size)
-    tx = train.make_optimizer(method, learning_rate=lr, rank=rank)
+    if optimizer is None:
+        tx = train.make_optimizer(method, learning_rate=lr, rank=rank)
+    else:
+        tx = optimizer(lr, rank)
     ad, base = None, None
     if method == "adapters":
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -242,15 +254,21 @@ def make_trainer(
     return train.Trainer(model, tx, adapters=ad, params=base, donate=donate, **trainer_kwargs)
 
 
-def trainer_row(method: str, **trainer_kwargs: Any) -> Callable[[RowKey, Setup], Built]:
-    """A row builder for ``train.Trainer`` with a method's optimizer."""
+def trainer_row(
+    method: str,
+    optimizer: Callable[[float, int], optax.GradientTransformation] | None = None,
+    **trainer_kwargs: Any,
+) -> Callable[[RowKey, Setup], Built]:
+    """A row builder for ``train.Trainer`` with a method's optimizer (or ``optimizer``)."""
 
     def build(key: RowKey, setup: Setup) -> Built:
         model = setup.model(key.remat)
-        trainer = make_trainer(model, method, setup.args.rank, key.donate, **trainer_kwargs)
+        trainer = make_trainer(
+            model, method, setup.args.rank, key.donate, optimizer, **trainer_kwargs
+        )
         state = trainer.init()
         t0 = time.perf_counter()
-        memory = trainer.memory(state, setup.batches[0])
+        memory = trainer.memory(state, setup.batches[0], refresh=trainer.refresh_due(state))
         compile_s = time.perf_counter() - t0
 
         def step(state: train.TrainState, i: int) -> tuple[train.TrainState, float]:
@@ -259,7 +277,10 @@ def trainer_row(method: str, **trainer_kwargs: Any) -> Callable[[RowKey, Setup],
             return state, float(metrics["loss"])
 
         state, loss = step(state, 0)  # a refresh step: timed rounds run between refreshes
-        info = {"projected": getattr(trainer, "projected", False)}
+        info = {
+            "projected": getattr(trainer, "projected", False),
+            "refreshes": bool(trainer.refresh_due(state)),
+        }
         bytes_ = train.tree_bytes(state.opt_state)
         return Built(step, state, memory, bytes_, compile_s, loss, info)
 
@@ -429,6 +450,30 @@ def build_peft(key: RowKey, setup: Setup) -> Built:
     return Built(step, state, None, state_bytes, warm_s, loss, info)
 
 
+TARGETS = "all-linear"
+
+
+def refreshing(method: str, basis: str) -> Callable[[float, int], optax.GradientTransformation]:
+    """``method``'s optimizer with ``basis`` bases refreshed at every step.
+
+    Every timed step of such a row is a refresh step: with ``"randomized_svd"`` the
+    projected backward takes the single-pass sketch of each targeted gradient (one
+    backward pass); with ``"svd"`` (GaLore's exact bases) it takes the targeted full
+    gradients.
+    """
+
+    def make(learning_rate: float, rank: int) -> optax.GradientTransformation:
+        if method == "galore":
+            inner = lorajax.galore(
+                learning_rate, rank=rank, update_proj_gap=1, basis=basis, targets=TARGETS
+            )
+        else:
+            inner = lorajax.lora(learning_rate, rank, refresh_every=1, basis=basis, targets=TARGETS)
+        return train.only_targets(inner, TARGETS)
+
+    return make
+
+
 #: Every kind of row. A Trainer variant is one more line, e.g.
 #: ``Entry("galore", "full-gradient", trainer_row("galore", projected=False))``.
 ENTRIES: list[Entry] = [
@@ -443,6 +488,11 @@ ENTRIES: list[Entry] = [
         for method in train.METHODS
         if method != "full"
     ),
+    Entry(
+        "galore", "sketch-refresh", trainer_row("galore", refreshing("galore", "randomized_svd"))
+    ),
+    Entry("lora", "sketch-refresh", trainer_row("lora", refreshing("lora", "randomized_svd"))),
+    Entry("galore", "svd-refresh", trainer_row("galore", refreshing("galore", "svd"))),
     Entry("floor", "nnx-unmerged", build_floor),
     Entry("peft", "torch", build_peft, donations=(None,)),
 ]
