@@ -472,11 +472,13 @@ def check_sharded(case: Case, axis_type: AxisType) -> None:
             u, state = step(place(g), state, sharded_params)
             got.append(u)
         hlo = step.lower(place(grads[0]), state, sharded_params).compile().as_text()
-    # Sharded contractions sum in another order: 1e-5 of each leaf's scale (an update
-    # of entries up to ~40 differs by float32 rounding of that size, not of its small
-    # entries' size).
-    assert_scaled_close(got, want)
-    assert_scaled_close(state, want_state)
+    # Sharded contractions sum in another order, and the bases come from an SVD of those
+    # sums: a refresh rotates each basis by float32 rounding, which Adam's 1/sqrt(v)
+    # then rescales per coordinate. Measured across machines the two runs differ by up to
+    # 2.2e-5 of a leaf's scale (side="both" with a reset); 1e-4 of that scale is still
+    # four orders below any algorithmic difference (a wrong basis or ratio moves O(1)).
+    assert_scaled_close(got, want, tol=1e-4)
+    assert_scaled_close(state, want_state, tol=1e-4)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(got[-1])
     wrong = [
         path_str(path)
