@@ -37,24 +37,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import optax
+from optimizer_step import make_params  # the same parameter tree as the step benchmark
 
 import lorajax
 
 RANK = 16
 LR = 1e-3
 NEVER = 10**6  # a refresh period longer than any run: only the refresh at count 0
-
-
-def make_params(layers: int) -> dict:
-    key = jax.random.key(0)
-    params = {}
-    for i in range(layers):
-        k1, k2, key = jax.random.split(key, 3)
-        params[f"layer{i}"] = {
-            "up": jax.random.normal(k1, (512, 2048)) * 0.02,
-            "down": jax.random.normal(k2, (2048, 512)) * 0.02,
-        }
-    return params
 
 
 def methods() -> dict:
