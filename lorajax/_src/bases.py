@@ -239,7 +239,7 @@ def gram_orthonormalize(
     Examples:
         >>> import jax, jax.numpy as jnp, lorajax
         >>> from lorajax._src.bases import gram_orthonormalize
-        >>> x = jax.random.normal(jax.random.key(0), (200, 8)) * jnp.arange(1.0, 9.0)
+        >>> x = jax.random.normal(jax.random.key(0), (200, 8)) * jnp.arange(1.0, 9.0)[None, :]
         >>> q = gram_orthonormalize(x)
         >>> print(f"{float(lorajax.subspace_overlap(x, q)):.5f}")
         1.00000
